@@ -1,0 +1,105 @@
+"""Benchmark: DG-Net training iterations per second and peak memory, paper vs small preset.
+
+Each preset trains in its own subprocess (so peak memory is that preset's own) on real
+Market-1501 images for a few warm-up iterations plus measured ones, with a teacher made on the
+spot (a tiny baseline: its quality does not change the cost of an iteration). Feeding is on
+from the start, so every loss of the full iteration is paid for.
+
+    python bench/dgnet_speed.py [--data market1501_mini] [--iters 6] [--presets small paper]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+OUT = REPO / "bench" / "results" / "dgnet_speed.json"
+
+
+def child(preset: str, data: str, iters: int, warmup: int, teacher: str, out: str) -> None:
+    import torch
+
+    from trainer.runlog import read_jsonl
+    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+
+    # No pretrained weights: ResNet-50's are not obtainable offline and do not change the cost.
+    cfg = dgnet_preset_config(preset, data=data, teacher=teacher, pretrained="none", iterations=warmup + iters,
+                              feed_start=0.0, ramp=0.01, workers=1, grid_every=0, checkpoint_every=10**9)
+    start = time.perf_counter()
+    train_dgnet(cfg, out, progress=False)
+    wall = time.perf_counter() - start
+    times = [r["time"] for r in read_jsonl(Path(out) / "metrics.jsonl") if "l_img1" in r]
+    measured = times[warmup:]
+    rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"preset": preset, "iterations_per_second": rate, "seconds_per_iteration": 1 / rate,
+                      "peak_rss_mb": peak_mb, "wall_seconds": wall, "batch_per_loader": cfg.batch_size,
+                      "image_size": list(cfg.model.image_size), "backbone": cfg.model.backbone,
+                      "torch_threads": torch.get_num_threads()}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="market1501_mini")
+    ap.add_argument("--iters", type=int, default=6, help="measured iterations per preset")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--presets", nargs="+", default=["small", "paper"])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--teacher", help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    from reidgen.paths import resolve_data
+
+    data = str(resolve_data(args.data))
+    if args.child:
+        child(args.child, data, args.iters, args.warmup, args.teacher, args.out_dir)
+        return 0
+
+    from trainer.train_reid import preset_config, train_reid
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = str(train_reid(preset_config("tiny", data=data, max_steps=1, workers=0, evaluate=False),
+                                 Path(tmp) / "teacher", progress=False))
+        for preset in args.presets:
+            proc = subprocess.run([sys.executable, __file__, "--child", preset, "--data", data, "--iters",
+                                   str(args.iters), "--warmup", str(args.warmup), "--teacher", teacher,
+                                   "--out-dir", str(Path(tmp) / preset)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    print(f"DG-Net training speed on {os.cpu_count()} CPU(s), {args.iters} measured iterations each")
+    print(f"{'preset':<8} {'backbone':<20} {'image':<9} {'it/s':>7} {'s/it':>7} {'peak RSS':>10}")
+    for r in results:
+        print(f"{r['preset']:<8} {r['backbone']:<20} {'×'.join(map(str, r['image_size'])):<9} "
+              f"{r['iterations_per_second']:7.3f} {r['seconds_per_iteration']:7.2f} {r['peak_rss_mb']:8.0f} MB")
+    by = {r["preset"]: r for r in results}
+    ratio = None
+    if "small" in by and "paper" in by:
+        ratio = by["small"]["iterations_per_second"] / by["paper"]["iterations_per_second"]
+        print(f"small preset is {ratio:.1f}× faster per iteration than the paper preset")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({
+        "benchmark": "dgnet_speed", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
+        "data": data, "results": results, "small_over_paper_speed": ratio,
+    }, indent=2))
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,611 @@
+"""The generator service: a FastAPI app over one `Engine`.
+
+``create_app(engine, settings)`` builds the ``/v1`` endpoints (swap, render, interpolate,
+models, healthz, readyz, metrics). Handlers only parse, bound and encode; generation goes
+through the engine's queue and batcher, the same code the workers and trainers call.
+
+Safety (DESIGN.md, "safe to expose"): with an API key configured every endpoint except
+health/readiness needs it; body bytes, images per request, generated images per request and
+pixels per image are bounded before any expensive work; every error is an `ErrorBody` JSON
+with a message saying what was wrong, and no stack trace ever reaches a client. Decoding and
+encoding run in the thread pool, never on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api_schemas.service import (
+    ErrorBody,
+    ErrorDetail,
+    GeneratedImage,
+    HealthResponse,
+    InterpolateRequest,
+    InterpolateResponse,
+    ModelsResponse,
+    ReadyResponse,
+    RenderRequest,
+    RenderResponse,
+    SwapForm,
+    SwapRequest,
+    SwapResponse,
+)
+from generator_service.engine import (
+    PRESETS,
+    DeadlineExceeded,
+    Engine,
+    EngineError,
+    InterpolateItem,
+    NotReady,
+    OutOfMemory,
+    QueueFull,
+    RenderItem,
+    ServedModel,
+    SwapItem,
+    UnknownModel,
+    WrongModelKind,
+)
+from generator_service.images import (
+    ImageTooLarge,
+    UnreadableImage,
+    decode_image_bytes,
+    encode_image,
+    image_grid,
+    mask_to_pil,
+    to_pil,
+)
+from reidgen.errors import ReidgenError
+
+log = logging.getLogger("reidgen.service")
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+OPEN_PATHS = frozenset({"/v1/healthz", "/v1/readyz"})  # reachable without the API key (probes)
+
+
+@dataclass
+class Settings:
+    """Limits and switches of one deployment (the models and batching live in the `Engine`)."""
+
+    api_key: str | None = None
+    max_body_bytes: int = 8 * 2**20
+    max_images: int = 16          # input images per request
+    max_outputs: int = 64         # generated images per request (grid: appearance × structure)
+    max_pixels: int = 1024 * 1024  # per input image; re-id crops are ~128×64
+    max_steps: int = 16           # interpolation steps
+    request_timeout_s: float = 30.0
+    batching: bool = True         # False: every request runs alone (same queue, no merging)
+    docs: bool = True             # serve /docs (the OpenAPI document is always served)
+
+
+class ApiError(ReidgenError):
+    """A bad request with its HTTP status and stable error code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+# Engine and image errors → (HTTP status, code). Order matters: subclasses first.
+_STATUS: list[tuple[type[Exception], int, str | None]] = [
+    (QueueFull, 503, None), (NotReady, 503, None), (OutOfMemory, 503, None), (DeadlineExceeded, 504, None),
+    (UnknownModel, 404, None), (WrongModelKind, 422, None), (ImageTooLarge, 413, "image_too_large"),
+    (UnreadableImage, 400, "unreadable_image"), (EngineError, 500, None), (ReidgenError, 400, "bad_request"),
+]
+
+
+def _status_of(exc: ReidgenError) -> tuple[int, str]:
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code
+    for cls, status, code in _STATUS:
+        if isinstance(exc, cls):
+            return status, code or getattr(exc, "code", "bad_request")
+    return 400, "bad_request"
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several apps may live in one process)."""
+
+    def __init__(self, engine: Engine):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("reidgen_http_requests_total", "HTTP requests", ["method", "endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("reidgen_http_request_duration_seconds", "HTTP request latency", ["endpoint"],
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.errors = Counter("reidgen_http_errors_total", "error responses by code", ["endpoint", "code"], registry=r)
+        self.batch_images = Histogram("reidgen_engine_batch_images", "images generated per model call", ["op"],
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_requests = Histogram("reidgen_engine_batch_requests", "requests merged per model call", ["op"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch_seconds = Histogram("reidgen_engine_batch_duration_seconds", "model call duration", ["op"],
+                                       buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        queue_depth = Gauge("reidgen_engine_queue_depth", "requests waiting for the batcher", registry=r)
+        queue_depth.set_function(engine.queue_depth)
+        ready = Gauge("reidgen_engine_ready", "1 when the models are loaded and warmed up", registry=r)
+        ready.set_function(lambda: float(engine.ready))
+        engine.add_observer(self.observe_batch)
+
+    def observe_batch(self, op: str, model: str, images: int, requests: int, seconds: float) -> None:
+        self.batch_images.labels(op).observe(images)
+        self.batch_requests.labels(op).observe(requests)
+        self.batch_seconds.labels(op).observe(seconds)
+
+
+def _endpoint(request_or_scope: Any, known: frozenset[str]) -> str:
+    """The metrics label of a path: a known endpoint, or 'other' (bounded label cardinality)."""
+    path = request_or_scope["path"] if isinstance(request_or_scope, dict) else request_or_scope.url.path
+    return path if path in known else "other"
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# -- request parsing -----------------------------------------------------------------------------
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _validation_message(exc: ValidationError | RequestValidationError) -> str:
+    """Pydantic errors as one line: where and what (never the offending value itself)."""
+    parts = []
+    for err in exc.errors()[:6]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _validate(cls: type[BaseModel], data: Any, json: bool = False) -> Any:
+    try:
+        return cls.model_validate_json(data) if json else cls.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _validation_message(exc)) from None
+
+
+def b64_image(text: str, what: str) -> bytes:
+    """A base64 string (or ``data:...;base64,`` URL) → bytes; padding optional, whitespace ignored."""
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, "bad_base64", f"{what}: a data URL must be base64 (data:image/png;base64,...)")
+    text = "".join(text.split())
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", f"{what}: not valid base64 (standard alphabet A-Z a-z 0-9 + /, "
+                                          f"expected the bytes of a PNG, JPEG, WebP or BMP file)") from None
+    if not data:
+        raise ApiError(400, "bad_base64", f"{what}: empty image")
+    return data
+
+
+async def _form(request: Request, settings: Settings, file_fields: Sequence[str]) -> dict[str, Any]:
+    """A multipart form as a dict: file fields → lists of bytes, other fields → strings."""
+    out: dict[str, Any] = {}
+    async with request.form(max_files=settings.max_images + 1, max_fields=16, max_part_size=64 * 1024) as form:
+        for key in form:
+            values = form.getlist(key)
+            if key in file_fields:
+                out[key] = [await v.read() if isinstance(v, UploadFile) else v.encode() for v in values]
+            elif any(isinstance(v, UploadFile) for v in values):
+                raise ApiError(422, "invalid_request", f"{key}: expected a text field, got a file")
+            else:
+                out[key] = values[0] if len(values) == 1 else values
+    return out
+
+
+def _unsupported(media: str) -> ApiError:
+    return ApiError(415, "unsupported_media_type",
+                    f"content type {media or '(none)'!r} is not accepted; send application/json "
+                    f"(base64 images) or multipart/form-data (image files)")
+
+
+def _require_json(media: str, path: str) -> None:
+    if media != "application/json":
+        raise ApiError(415, "unsupported_media_type", f"content type {media or '(none)'!r} is not accepted; "
+                                                      f"{path} takes application/json (base64 images)")
+
+
+class Service:
+    """The handlers' shared state and helpers (one per app)."""
+
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine, self.settings = engine, settings
+
+    def timeout(self, header_ms: int | None) -> float:
+        t = self.settings.request_timeout_s
+        return min(t, header_ms / 1000) if header_ms else t
+
+    def check_counts(self, inputs: int, outputs: int) -> None:
+        s = self.settings
+        if inputs > s.max_images:
+            raise ApiError(413, "too_many_images", f"{inputs} input images; this server takes at most "
+                                                   f"{s.max_images} per request")
+        if outputs > s.max_outputs:
+            raise ApiError(413, "too_many_outputs", f"{outputs} images to generate; this server generates at most "
+                                                    f"{s.max_outputs} per request (a grid makes appearance × "
+                                                    f"structure images)")
+
+    def picture(self, data: str | bytes, what: str):
+        """A base64 string or file bytes → an RGB picture, within the pixel limit."""
+        raw = b64_image(data, what) if isinstance(data, str) else data
+        return decode_image_bytes(raw, what, self.settings.max_pixels)
+
+    def decode(self, model: ServedModel, named: Sequence[tuple[str, str | bytes]]) -> torch.Tensor:
+        """Encoded images → a normalised batch at the model's size (run in the thread pool)."""
+        return torch.stack([model.image_tensor(self.picture(data, what)) for what, data in named])
+
+    def decode_mask(self, model: ServedModel, mask: str | None, target) -> tuple[torch.Tensor, str]:
+        """The target person mask: the client's, or the model's mask provider's on the target picture."""
+        if mask is not None:
+            return model.mask_tensor(self.picture(mask, "target_mask")), "client"
+        return model.mask_tensor(model.person_mask(target)), model.masks_name or "none"
+
+    async def generate(self, op: str, model: ServedModel, item, timeout_s: float):
+        return await self.engine.run(op, model, item, timeout_s, alone=not self.settings.batching)
+
+
+def image_response(picture, fmt: str, model: ServedModel, rows: int = 1, columns: int = 1) -> Response:
+    return Response(encode_image(picture, fmt), media_type=f"image/{fmt}", headers={
+        "X-Reidgen-Model": model.name, "X-Reidgen-Checkpoint": model.identity,
+        "X-Reidgen-Rows": str(rows), "X-Reidgen-Columns": str(columns)})
+
+
+def _png_b64(picture) -> str:
+    return base64.b64encode(encode_image(picture, "png")).decode("ascii")
+
+
+# -- OpenAPI documentation helpers ---------------------------------------------------------------
+_ERROR_TEXT = {
+    400: "bad input: invalid base64, an undecodable image, a malformed form",
+    401: "missing or wrong API key",
+    404: "unknown model",
+    413: "too large: body bytes, images per request, generated images or pixels per image",
+    415: "unsupported content type",
+    422: "invalid request body or parameters",
+    500: "internal error (no details are given to clients)",
+    503: "busy (queue full), not ready, or out of accelerator memory; see Retry-After",
+    504: "the request's deadline passed before it ran",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
+    for s in statuses:
+        out[s] = {"model": ErrorBody, "description": _ERROR_TEXT[s]}
+        if s == 503:
+            out[s]["headers"] = _RETRY_AFTER
+    return out
+
+
+_GENERATE_ERRORS = (400, 401, 404, 413, 415, 422, 500, 503, 504)
+_IMAGE_CONTENT = {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                  "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
+_REQUEST_MODELS = (SwapRequest, SwapForm, RenderRequest, InterpolateRequest)
+
+
+def _request_body(json_model: type[BaseModel], form_model: type[BaseModel] | None = None) -> dict:
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}}}
+    if form_model is not None:
+        content["multipart/form-data"] = {"schema": {"$ref": f"#/components/schemas/{form_model.__name__}"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict:
+    """FastAPI's document plus the hand-parsed request bodies (JSON and multipart) and auth."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    _, defs = models_json_schema([(m, "validation") for m in _REQUEST_MODELS],
+                                 ref_template="#/components/schemas/{model}")
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    doc["components"]["securitySchemes"] = {
+        "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "Bearer": {"type": "http", "scheme": "bearer"},
+    }
+    if settings.api_key:
+        for path, ops in doc.get("paths", {}).items():
+            for op in ops.values():
+                op["security"] = [] if path in OPEN_PATHS else [{"ApiKeyHeader": []}, {"Bearer": []}]
+    app.openapi_schema = doc
+    return doc
+
+
+# -- the app ------------------------------------------------------------------------------------
+def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``. Its lifespan starts the engine's batcher, warms the
+    models up in the background (``/v1/readyz`` says when done) and stops the batcher at exit."""
+    settings = settings or Settings()
+    service = Service(engine, settings)
+    metrics = Metrics(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        warm = None
+        if not engine.warmed:
+            warm = asyncio.create_task(asyncio.to_thread(_warm_up_quietly, engine))
+        yield
+        if warm is not None:
+            await warm
+        await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="reidgen generator service", version="1.0",
+                  description="DG-Net appearance/structure swaps and CR-GAN context rendering of person images, "
+                              "dynamically batched. Images travel as base64 JSON or multipart files.",
+                  lifespan=lifespan, docs_url="/docs" if settings.docs else None, redoc_url=None)
+    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+
+    timeout_header = Header(None, alias="X-Timeout-Ms", ge=1, le=3_600_000,
+                            description="deadline of this request in milliseconds (capped by the server's)")
+
+    @app.post("/v1/swap", response_model=SwapResponse, tags=["generate"],
+              responses={200: {"content": _IMAGE_CONTENT, "description": "generated images"},
+                         **_errors(*_GENERATE_ERRORS)},
+              openapi_extra=_request_body(SwapRequest, SwapForm))
+    async def swap(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
+        """DG-Net appearance × structure swap: pairs, or every combination as a grid."""
+        media = _media_type(request)
+        if media == "application/json":
+            req = await run_in_threadpool(_validate, SwapRequest, await request.body(), True)
+        elif media == "multipart/form-data":
+            req = _validate(SwapForm, await _form(request, settings, ("appearance", "structure")))
+        else:
+            raise _unsupported(media)
+        service.check_counts(len(req.appearance) + len(req.structure), _swap_outputs(req))
+        model = engine.model_for("swap", req.model)
+        a, s = await run_in_threadpool(lambda: (service.decode(model, _named("appearance", req.appearance)),
+                                                service.decode(model, _named("structure", req.structure))))
+        item = SwapItem(a, s, grid=req.mode == "grid")
+        out = await service.generate("swap", model, item, service.timeout(x_timeout_ms))
+        ia, is_ = item.pairs()
+        rows, cols = (len(a), len(s)) if item.grid else (1, item.size)
+        flat = out.flatten(0, 1) if item.grid else out
+        if req.format != "json":
+            cells = [[flat[r * cols + c] for c in range(cols)] for r in range(rows)]
+            return await run_in_threadpool(lambda: image_response(image_grid(cells, pad=0), req.format, model,
+                                                                  rows, cols))
+
+        def encode() -> SwapResponse:
+            images = [GeneratedImage(appearance=int(i), structure=int(j), image=_png_b64(to_pil(x)))
+                      for i, j, x in zip(ia, is_, flat)]
+            h, w = model.image_size
+            return SwapResponse(model=model.name, checkpoint=model.identity, mode=req.mode, rows=rows, columns=cols,
+                                width=w, height=h, images=images)
+        return JSONResponse((await run_in_threadpool(encode)).model_dump())
+
+    @app.post("/v1/render", response_model=RenderResponse, tags=["generate"],
+              responses={200: {"content": _IMAGE_CONTENT, "description": "the rendered image"},
+                         **_errors(*_GENERATE_ERRORS)},
+              openapi_extra=_request_body(RenderRequest))
+    async def render(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
+        """CR-GAN: render the source person into the target image's context."""
+        _require_json(_media_type(request), "/v1/render")
+        req = await run_in_threadpool(_validate, RenderRequest, await request.body(), True)
+        model = engine.model_for("render", req.model)
+
+        def prepare():
+            source, target = service.picture(req.source, "source"), service.picture(req.target, "target")
+            mask, mask_source = service.decode_mask(model, req.target_mask, target)
+            return torch.stack([model.image_tensor(source), model.image_tensor(target)]), mask, mask_source
+        images, mask, mask_source = await run_in_threadpool(prepare)
+        rendered, context = await service.generate("render", model, RenderItem(images[:1], images[1:], mask[None]),
+                                                   service.timeout(x_timeout_ms))
+        if req.format != "json":
+            return await run_in_threadpool(lambda: image_response(to_pil(rendered[0]), req.format, model))
+
+        def encode() -> RenderResponse:
+            h, w = model.image_size
+            return RenderResponse(model=model.name, checkpoint=model.identity, width=w, height=h,
+                                  image=_png_b64(to_pil(rendered[0])), context_mask=_png_b64(mask_to_pil(context[0])),
+                                  target_mask=mask_source)
+        return JSONResponse((await run_in_threadpool(encode)).model_dump())
+
+    @app.post("/v1/interpolate", response_model=InterpolateResponse, tags=["generate"],
+              responses={200: {"content": _IMAGE_CONTENT, "description": "the interpolated images"},
+                         **_errors(*_GENERATE_ERRORS)},
+              openapi_extra=_request_body(InterpolateRequest))
+    async def interpolate(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
+        """DG-Net: images along a line between two images' appearance (or structure) codes."""
+        _require_json(_media_type(request), "/v1/interpolate")
+        req = await run_in_threadpool(_validate, InterpolateRequest, await request.body(), True)
+        if req.steps > settings.max_steps:
+            raise ApiError(413, "too_many_outputs", f"steps={req.steps}; this server interpolates at most "
+                                                    f"{settings.max_steps} steps")
+        service.check_counts(2, req.steps)
+        model = engine.model_for("interpolate", req.model)
+        x = await run_in_threadpool(service.decode, model, [("first", req.first), ("second", req.second)])
+        out = await service.generate("interpolate", model, InterpolateItem(x[:1], x[1:], req.steps, req.what),
+                                     service.timeout(x_timeout_ms))
+        if req.format != "json":
+            return await run_in_threadpool(lambda: image_response(image_grid([list(out)], pad=0), req.format, model,
+                                                                  1, len(out)))
+
+        def encode() -> InterpolateResponse:
+            h, w = model.image_size
+            return InterpolateResponse(model=model.name, checkpoint=model.identity, what=req.what, width=w,
+                                       height=h, images=[_png_b64(to_pil(t)) for t in out])
+        return JSONResponse((await run_in_threadpool(encode)).model_dump())
+
+    @app.get("/v1/models", response_model=ModelsResponse, tags=["service"], responses=_errors(401, 500))
+    async def models() -> ModelsResponse:
+        """The loaded models (with checkpoint identities), known presets, engine settings and limits."""
+        s = settings
+        return ModelsResponse(models=engine.model_infos(), presets=PRESETS, engine=engine.describe(), limits={
+            "max_body_bytes": s.max_body_bytes, "max_images": s.max_images, "max_outputs": s.max_outputs,
+            "max_pixels": s.max_pixels, "max_steps": s.max_steps, "request_timeout_s": s.request_timeout_s,
+            "auth": bool(s.api_key)})
+
+    @app.get("/v1/healthz", response_model=HealthResponse, tags=["service"], responses=_errors(500))
+    async def healthz() -> HealthResponse:
+        """The process answers (no API key needed)."""
+        return HealthResponse()
+
+    @app.get("/v1/readyz", response_model=ReadyResponse, tags=["service"],
+             responses={503: {"model": ReadyResponse, "description": "not ready yet (or warm-up failed)"},
+                        **_errors(500)})
+    async def readyz() -> JSONResponse:
+        """Models loaded and warmed up (no API key needed)."""
+        if engine.ready:
+            body = ReadyResponse(ready=True, status="ready", models=len(engine.models))
+        else:
+            failed = engine.warmup_error is not None
+            body = ReadyResponse(ready=False, status="failed" if failed else "loading", models=len(engine.models),
+                                 detail="warm-up failed (see the server log)" if failed else "warming up")
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    @app.get("/v1/metrics", tags=["service"], response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}, **_errors(401, 500)})
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics: requests, latencies, batch sizes, queue depth, errors."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    known = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    _install_error_handlers(app, metrics, known)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics, known=known)
+    return app
+
+
+def _named(field: str, images: Sequence[str | bytes]) -> list[tuple[str, str | bytes]]:
+    return [(f"{field}[{i}]", x) for i, x in enumerate(images)]
+
+
+def _swap_outputs(req: SwapRequest | SwapForm) -> int:
+    na, ns = len(req.appearance), len(req.structure)
+    return na * ns if req.mode == "grid" else max(na, ns)
+
+
+def _warm_up_quietly(engine: Engine) -> None:
+    try:
+        engine.warm_up()
+    except Exception:  # noqa: BLE001 - logged by the engine; /v1/readyz reports "failed"
+        return
+
+
+def _install_error_handlers(app: FastAPI, metrics: Metrics, known: frozenset[str]) -> None:
+    def respond(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:
+        metrics.errors.labels(_endpoint(request, known), code).inc()
+        return error_response(status, code, message, headers)
+
+    @app.exception_handler(ReidgenError)
+    async def reidgen_error(request: Request, exc: ReidgenError) -> JSONResponse:
+        status, code = _status_of(exc)
+        if status == 500:  # an engine fault, not the client's: no details
+            log.error("engine error on %s: %s", request.url.path, exc)
+            return respond(request, 500, "internal_error", "internal error while generating; see the server log")
+        headers = None
+        if status == 503:
+            headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
+        return respond(request, status, code, str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(request, 422, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        message = {404: f"no endpoint {request.url.path}; see /openapi.json",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return respond(request, exc.status_code, codes.get(exc.status_code, "http_error"), message,
+                       getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback by the server; the client learns only that it failed.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return respond(request, 500, "internal_error", "internal server error; see the server log")
+
+
+class GuardMiddleware:
+    """Outermost checks, before any route runs: API key, body size (declared and streamed), and
+    the request metrics (so refused requests are counted too). Plain ASGI: it never buffers."""
+
+    def __init__(self, app, settings: Settings, metrics: Metrics, known: frozenset[str]):
+        self.app, self.settings, self.metrics, self.known = app, settings, metrics, known
+        self._key = settings.api_key.encode() if settings.api_key else None
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key")
+        if given is None:
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else None
+        return given is not None and hmac.compare_digest(given, self._key or b"")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = _endpoint(scope, self.known)
+        method = scope["method"] if scope["method"] in _METHODS else "other"  # bounded label values
+        status = [500]
+        started = time.perf_counter()
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        async def refuse(code_status: int, code: str, message: str, headers=None):
+            self.metrics.errors.labels(endpoint, code).inc()
+            await error_response(code_status, code, message, headers)(scope, receive, send_status)
+
+        try:
+            headers = dict(scope.get("headers") or [])
+            if self._key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+                return await refuse(401, "unauthorized", "missing or wrong API key: send it as 'X-API-Key: KEY' "
+                                    "or 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
+            limit = self.settings.max_body_bytes
+            declared = headers.get(b"content-length")
+            if declared is not None:
+                if not declared.isdigit():
+                    return await refuse(400, "bad_request", "Content-Length is not a number")
+                if int(declared) > limit:
+                    return await refuse(413, "body_too_large", f"request body of {int(declared)} bytes; this "
+                                                               f"server takes at most {limit}")
+            received = 0
+
+            async def limited_receive():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise ApiError(413, "body_too_large", f"request body over {limit} bytes; this server "
+                                                              f"takes at most {limit}")
+                return message
+
+            await self.app(scope, limited_receive, send_status)
+        finally:
+            self.metrics.requests.labels(method, endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

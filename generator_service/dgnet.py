@@ -1,0 +1,147 @@
+"""DG-Net as one module: appearance encoder E_a (the re-id backbone), structure encoder E_s,
+decoder G and discriminator D, plus the generation API (encode, decode, swap, interpolate).
+
+The generative networks are in `generator_service.dgnet_nets`; this file joins them with the
+re-id backbone and is what the trainer, the service, the workers and `reidgen evaluate` load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from generator_service.backbones import build_backbone
+from generator_service.checkpoint import load_checkpoint, load_state
+from generator_service.dgnet_nets import PRESETS as GENERATOR_PRESETS
+from generator_service.dgnet_nets import (
+    Decoder,
+    GeneratorConfig,
+    MultiScaleDiscriminator,
+    StructureEncoder,
+    to_grey,
+)
+from generator_service.reid_model import ClassifierHead
+from reidgen.config import config_from_dict
+
+
+@dataclass(frozen=True)
+class DGNetConfig:
+    """The networks of one DG-Net model (saved in checkpoints)."""
+
+    preset: str = "small"
+    backbone: str = "efficientnet_lite0"
+    last_stride: int = 1
+    generator: GeneratorConfig = field(default_factory=lambda: GENERATOR_PRESETS["small"])
+    bottleneck: int = 512
+    dropout_prim: float = 0.5
+    dropout_fine: float = 0.75
+    # Reference code: the appearance code is detached inside E_a, so E_a learns only from the
+    # re-id losses; the paper lets the generative losses reach E_a too. Default: the reference.
+    detach_appearance_code: bool = True
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.generator.image_size
+
+
+DGNET_PRESETS: dict[str, DGNetConfig] = {
+    "paper": DGNetConfig(preset="paper", backbone="resnet50", generator=GENERATOR_PRESETS["paper"]),
+    "small": DGNetConfig(preset="small", backbone="efficientnet_lite0", generator=GENERATOR_PRESETS["small"]),
+}
+
+
+class AppearanceEncoder(nn.Module):
+    """E_a: backbone → appearance code (max-pooled to parts×1) and the two re-id heads.
+
+    ``forward`` returns ``(code, (logits_prim, logits_fine), (f_prim, f_fine))``.
+    """
+
+    def __init__(self, cfg: DGNetConfig, num_classes: int, pretrained: str = "none"):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone, last_stride=cfg.last_stride, pretrained=pretrained)
+        channels = self.backbone.out_channels
+        if channels != cfg.generator.appearance_channels:
+            raise ValueError(f"backbone {cfg.backbone} gives {channels} channels but the generator expects "
+                             f"{cfg.generator.appearance_channels}")
+        self.head_prim = ClassifierHead(channels, num_classes, cfg.bottleneck, cfg.dropout_prim)
+        self.head_fine = ClassifierHead(channels, num_classes, cfg.bottleneck, cfg.dropout_fine)
+
+    def code_and_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The appearance code (B×C×parts×1) and the globally max-pooled vector (B×C)."""
+        fmap = self.backbone(x)
+        code = F.adaptive_max_pool2d(fmap, (self.cfg.generator.appearance_parts, 1))
+        if self.cfg.detach_appearance_code:
+            code = code.detach()
+        return code, F.adaptive_max_pool2d(fmap, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor):
+        code, pooled = self.code_and_pooled(x)
+        logits_prim, f_prim = self.head_prim(pooled)
+        logits_fine, f_fine = self.head_fine(pooled)
+        return code, (logits_prim, logits_fine), (f_prim, f_fine)
+
+    def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Re-id feature parts [f_prim, f_fine] (score = s_prim + β·s_fine)."""
+        return list(self(x)[2])
+
+    def head_parameters(self):
+        return list(self.head_prim.parameters()) + list(self.head_fine.parameters())
+
+
+class DGNet(nn.Module):
+    """E_a, E_s, G, D together, with the generation API used everywhere else."""
+
+    def __init__(self, cfg: DGNetConfig, num_classes: int, pretrained: str = "none"):
+        super().__init__()
+        self.cfg = cfg
+        self.ea = AppearanceEncoder(cfg, num_classes, pretrained)
+        self.es = StructureEncoder(cfg.generator)
+        self.dec = Decoder(cfg.generator)
+        self.dis = MultiScaleDiscriminator(cfg.generator)
+
+    # -- generation API (images are normalised tensors B×3×H×W) --------------------------------
+    def encode_appearance(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ea.code_and_pooled(x)[0]
+
+    def encode_structure(self, x: torch.Tensor) -> torch.Tensor:
+        return self.es(to_grey(x))
+
+    def decode(self, appearance: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
+        return self.dec(appearance, structure)
+
+    def swap(self, appearance_images: torch.Tensor, structure_images: torch.Tensor, grid: bool = False) -> torch.Tensor:
+        """Pairwise (i-th appearance with i-th structure), or with ``grid`` every combination as
+        an A×S×3×H×W tensor (rows appearance, columns structure)."""
+        a = self.encode_appearance(appearance_images)
+        s = self.encode_structure(structure_images)
+        if not grid:
+            return self.decode(a, s)
+        na, ns = a.shape[0], s.shape[0]
+        a_rep = a.repeat_interleave(ns, dim=0)
+        s_rep = s.repeat(na, 1, 1, 1)
+        return self.decode(a_rep, s_rep).view(na, ns, *appearance_images.shape[1:])
+
+    def interpolate(self, first: torch.Tensor, second: torch.Tensor, steps: int,
+                    what: str = "appearance") -> torch.Tensor:
+        """Linear interpolation between the codes of two images (1×3×H×W each), keeping the
+        other code of ``first``: ``steps`` images, the ends included."""
+        if what not in ("appearance", "structure"):
+            raise ValueError(f"interpolate what={what!r}; expected appearance or structure")
+        a0, s0 = self.encode_appearance(first), self.encode_structure(first)
+        other = self.encode_appearance(second) if what == "appearance" else self.encode_structure(second)
+        start = a0 if what == "appearance" else s0
+        w = torch.linspace(0, 1, steps, device=first.device).view(-1, 1, 1, 1)
+        mixed = (1 - w) * start + w * other
+        if what == "appearance":
+            return self.decode(mixed, s0.expand(steps, -1, -1, -1))
+        return self.decode(a0.expand(steps, -1, -1, -1), mixed)
+
+    @classmethod
+    def from_checkpoint(cls, path) -> tuple["DGNet", dict]:
+        ckpt = load_checkpoint(path, "dgnet")
+        model = cls(config_from_dict(DGNetConfig, ckpt["model_config"]), len(ckpt["label_map"]))
+        load_state(model, ckpt["model"], f"checkpoint {path}")
+        return model.eval(), ckpt

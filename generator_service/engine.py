@@ -1,0 +1,590 @@
+"""The inference engine: loads the generators of a models directory and runs them in batches.
+
+One engine serves every caller (DESIGN.md, "one code path"):
+
+- the HTTP service submits requests to its queue (`Engine.submit`, awaited with `Engine.run`);
+  a batcher thread merges concurrent requests of the same model and operation into one
+  device batch (up to ``max_batch`` generated images, waiting at most ``max_wait_ms`` for more);
+- batch workers and the online-feed trainer, which already hold batches, call the synchronous
+  methods (`swap_batch`, `render_batch`, `interpolate_batch`) in their own thread.
+
+Both paths end in `Engine._execute`, which runs under ``torch.inference_mode`` (bf16 autocast
+on CUDA), isolates a failing request (a merged batch that fails is re-run request by request)
+and survives CUDA out-of-memory by splitting the batch in halves and retrying.
+
+The queue is bounded: a full queue raises `QueueFull` at once (HTTP: 503 with Retry-After),
+and a request whose deadline passes before its batch runs is dropped with `DeadlineExceeded`.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from api_schemas.service import MODEL_NAME_PATTERN
+from generator_service.checkpoint import file_identity, load_checkpoint
+from generator_service.crgan import ContextRenderer
+from generator_service.crgan_nets import CRGAN_PRESETS
+from generator_service.device import autocast, pick_device
+from generator_service.dgnet import DGNET_PRESETS, DGNet
+from generator_service.images import eval_transform
+from generator_service.masks import GeometricMasks, MaskProvider, build_mask_provider
+from reidgen.errors import ReidgenError
+
+log = logging.getLogger("reidgen.engine")
+
+# Which model kind each operation needs, and which endpoints use a kind (for GET /v1/models).
+OP_KIND = {"swap": "dgnet", "interpolate": "dgnet", "render": "crgan"}
+KIND_ENDPOINTS = {"dgnet": ["/v1/swap", "/v1/interpolate"], "crgan": ["/v1/render"]}
+KIND_TITLE = {"dgnet": "DG-Net", "crgan": "CR-GAN"}
+PRESETS = {"dgnet": sorted(DGNET_PRESETS), "crgan": sorted(CRGAN_PRESETS)}
+
+
+# -- errors (each carries a stable code; the HTTP layer maps them to status codes) ---------------
+class EngineError(ReidgenError):
+    code = "engine_error"
+
+
+class UnknownModel(EngineError):
+    code = "unknown_model"
+
+
+class WrongModelKind(EngineError):
+    code = "wrong_model_kind"
+
+
+class QueueFull(EngineError):
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(EngineError):
+    code = "deadline_exceeded"
+
+
+class OutOfMemory(EngineError):
+    code = "out_of_memory"
+
+
+class NotReady(EngineError):
+    code = "not_ready"
+
+
+# -- what one request asks of a model (tensors are normalised, at the model's size, on CPU) ------
+@dataclass
+class SwapItem:
+    """A×3×H×W appearance and S×3×H×W structure images: pairs (one side may hold a single image,
+    used with each image of the other side) or, with ``grid``, every combination."""
+
+    appearance: torch.Tensor
+    structure: torch.Tensor
+    grid: bool = False
+
+    @property
+    def size(self) -> int:
+        na, ns = len(self.appearance), len(self.structure)
+        return na * ns if self.grid else max(na, ns)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (appearance, structure) of each generated image, row-major."""
+        na, ns = len(self.appearance), len(self.structure)
+        if self.grid:
+            return torch.arange(na).repeat_interleave(ns), torch.arange(ns).repeat(na)
+        n = max(na, ns)
+        return torch.arange(n) % na, torch.arange(n) % ns
+
+
+@dataclass
+class InterpolateItem:
+    first: torch.Tensor   # 1×3×H×W
+    second: torch.Tensor  # 1×3×H×W
+    steps: int
+    what: str = "appearance"
+
+    @property
+    def size(self) -> int:
+        return self.steps
+
+
+@dataclass
+class RenderItem:
+    source: torch.Tensor       # N×3×H×W
+    target: torch.Tensor       # N×3×H×W
+    target_mask: torch.Tensor  # N×1×H×W, 1 = person
+
+    @property
+    def size(self) -> int:
+        return len(self.source)
+
+
+# -- the model registry ------------------------------------------------------------------------
+@dataclass
+class ServedModel:
+    """A loaded generator and what clients may know about it (never an absolute path)."""
+
+    name: str
+    kind: str                     # "dgnet" | "crgan"
+    checkpoint: str               # relative to the models directory
+    identity: str                 # short sha256 of the checkpoint file
+    step: int | None
+    preset: str | None
+    image_size: tuple[int, int]   # (H, W)
+    net: Any                      # DGNet | ContextRenderer
+    masks: MaskProvider | None = None
+    masks_name: str | None = None
+    _transform: Any = field(default=None, repr=False)
+
+    def image_tensor(self, image: Image.Image) -> torch.Tensor:
+        """An RGB picture → the normalised 3×H×W tensor this model takes."""
+        if self._transform is None:
+            self._transform = eval_transform(self.image_size)
+        return self._transform(image)
+
+    def mask_tensor(self, mask: np.ndarray | Image.Image) -> torch.Tensor:
+        """A person mask (H'×W' floats in [0, 1], or a greyscale picture) → 1×H×W at the model's size."""
+        if isinstance(mask, Image.Image):
+            mask = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+        t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        return F.interpolate(t, size=self.image_size, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+
+    def person_mask(self, image: Image.Image) -> np.ndarray:
+        """The target person mask of a picture, from this CR-GAN model's mask provider."""
+        if self.masks is None:
+            raise WrongModelKind(f"model {self.name!r} is a {KIND_TITLE[self.kind]} model and has no mask provider")
+        if isinstance(self.masks, GeometricMasks):
+            return self.masks.mask_of_size(*image.size)
+        return self.masks.mask_image(image)  # TFLiteSegmenter (thread-safe: it holds a lock)
+
+    def info(self, default: bool) -> dict:
+        return {"name": self.name, "kind": self.kind, "endpoints": KIND_ENDPOINTS[self.kind], "default": default,
+                "checkpoint": self.checkpoint, "identity": self.identity, "step": self.step,
+                "preset": self.preset, "image_size": list(self.image_size), "masks": self.masks_name}
+
+
+def scan_models_dir(root: str | Path) -> list[tuple[str, Path]]:
+    """(name, checkpoint path) of each ``*.pt`` file and run folder (``NAME/checkpoints/last.pt``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReidgenError(f"models directory {root} not found (expected a folder of *.pt checkpoints "
+                           f"or run folders)")
+    found: dict[str, Path] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.is_file() and entry.suffix == ".pt":
+            name, path = entry.stem, entry
+        elif entry.is_dir() and (entry / "checkpoints" / "last.pt").is_file():
+            name, path = entry.name, entry / "checkpoints" / "last.pt"
+        else:
+            continue
+        if name in found:
+            raise ReidgenError(f"two models named {name!r} in {root}: {found[name].relative_to(root)} and "
+                               f"{path.relative_to(root)}; rename one")
+        found[name] = path
+    return list(found.items())
+
+
+def _mask_provider(train_config: dict, override: str | None) -> tuple[MaskProvider, str]:
+    """The provider a CR-GAN model was trained with, for targets sent without a mask.
+
+    A ``folder`` provider only knows its own data set's files, so uploads use the pose
+    segmenter; without the TFLite model the geometric prior stands in (and says so).
+    """
+    kind = override or train_config.get("masks") or "pose"
+    if kind == "folder":
+        kind = "pose"
+    opts = {}
+    if kind in ("pose", "selfie") and train_config.get("mask_model") and not override:
+        opts["model_path"] = train_config["mask_model"]
+    try:
+        return build_mask_provider(kind, **opts), kind
+    except ReidgenError as exc:
+        if kind == "geometric":
+            raise
+        log.warning("mask provider %s unavailable (%s); target masks fall back to the geometric prior", kind, exc)
+        return GeometricMasks(), f"geometric (fallback: {kind} unavailable)"
+
+
+def load_model(name: str, path: Path, root: Path, device: torch.device,
+               mask_provider: str | None = None) -> ServedModel | None:
+    """Load one checkpoint for inference; ``None`` for kinds the service does not serve (re-id)."""
+    meta = load_checkpoint(path, ("dgnet", "crgan", "reid"))
+    kind, step = meta["kind"], meta.get("step")
+    train_config = meta.get("train_config") or {}
+    del meta  # the model constructors read the file again; do not hold two copies
+    if kind == "reid":
+        log.info("skipping %s: a re-id model (the service serves DG-Net and CR-GAN models)", path)
+        return None
+    common = {"name": name, "kind": kind, "checkpoint": str(path.relative_to(root)), "identity": file_identity(path),
+              "step": int(step) if isinstance(step, int) else None}
+    if kind == "dgnet":
+        net, _ = DGNet.from_checkpoint(path)
+        net = net.to(device).requires_grad_(False)
+        return ServedModel(**common, preset=net.cfg.preset, image_size=tuple(net.cfg.image_size), net=net)
+    renderer = ContextRenderer(path, device)
+    preset = next((p for p, c in CRGAN_PRESETS.items() if c == renderer.config), "custom")
+    masks, masks_name = _mask_provider(train_config, mask_provider)
+    return ServedModel(**common, preset=preset, image_size=tuple(renderer.image_size), net=renderer,
+                       masks=masks, masks_name=masks_name)
+
+
+# -- the model calls: one function per operation, taking the items of one batch ---------------
+def _chunked(fn: Callable, chunk: int, *tensors: torch.Tensor):
+    """``fn`` over slices of at most ``chunk`` rows, outputs concatenated (tuples element-wise)."""
+    outs = [fn(*(t[i:i + chunk] for t in tensors)) for i in range(0, len(tensors[0]), chunk)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def _run_swap(net: DGNet, items: Sequence[SwapItem], device: torch.device, chunk: int) -> list[torch.Tensor]:
+    """All requests of the batch at once: each input image encoded once, then every requested
+    (appearance, structure) pair decoded in device batches of at most ``chunk``."""
+    a = _chunked(net.encode_appearance, chunk, torch.cat([it.appearance for it in items]).to(device))
+    s = _chunked(net.encode_structure, chunk, torch.cat([it.structure for it in items]).to(device))
+    ia, is_, oa, os_ = [], [], 0, 0
+    for it in items:
+        pa, ps = it.pairs()
+        ia.append(pa + oa)
+        is_.append(ps + os_)
+        oa, os_ = oa + len(it.appearance), os_ + len(it.structure)
+    ia_all, is_all = torch.cat(ia).to(device), torch.cat(is_).to(device)
+    out = torch.cat([net.decode(a[ia_all[i:i + chunk]], s[is_all[i:i + chunk]])
+                     for i in range(0, len(ia_all), chunk)]).float().cpu()
+    results = list(out.split([it.size for it in items]))
+    return [r.view(len(it.appearance), len(it.structure), *r.shape[1:]) if it.grid else r
+            for r, it in zip(results, items)]
+
+
+def _run_interpolate(net: DGNet, items: Sequence[InterpolateItem], device: torch.device,
+                     chunk: int) -> list[torch.Tensor]:
+    # Each request is at most max_steps images: DG-Net's own interpolation, one call per request.
+    return [net.interpolate(it.first.to(device), it.second.to(device), it.steps, it.what).float().cpu()
+            for it in items]
+
+
+def _run_render(renderer: ContextRenderer, items: Sequence[RenderItem], device: torch.device,
+                chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    src = torch.cat([it.source for it in items]).to(device)
+    tgt = torch.cat([it.target for it in items]).to(device)
+    msk = torch.cat([it.target_mask for it in items]).to(device)
+    rendered, context = _chunked(renderer.render, chunk, src, tgt, msk)
+    sizes = [it.size for it in items]
+    return list(zip(rendered.float().cpu().split(sizes), context.float().cpu().split(sizes)))
+
+
+RUNNERS = {"swap": _run_swap, "interpolate": _run_interpolate, "render": _run_render}
+
+
+@dataclass(eq=False)
+class Job:
+    op: str
+    model: ServedModel
+    item: Any
+    deadline: float  # time.monotonic()
+    alone: bool = False
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+    @property
+    def size(self) -> int:
+        return self.item.size
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+class Engine:
+    """Models, a bounded request queue and the batcher thread that serves it."""
+
+    def __init__(self, models: Sequence[ServedModel], device: torch.device | str = "cpu", *, max_batch: int = 16,
+                 max_wait_ms: float = 5.0, queue_size: int = 64, amp: bool = True, timeout_s: float = 60.0):
+        if not models:
+            raise ReidgenError("no models to serve")
+        if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
+            raise ReidgenError(f"max_batch ({max_batch}) and queue_size ({queue_size}) must be ≥ 1 and "
+                               f"max_wait_ms ({max_wait_ms}) ≥ 0")
+        self.models = {m.name: m for m in models}
+        self.defaults = {kind: next((m.name for m in models if m.kind == kind), None) for kind in KIND_TITLE}
+        self.device = torch.device(device)
+        self.amp = amp and self.device.type == "cuda"
+        self.max_batch, self.max_wait_s, self.queue_size = max_batch, max_wait_ms / 1000, queue_size
+        self.timeout_s = timeout_s
+        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observers: list[Callable[[str, str, int, int, float], None]] = []
+        self._seconds_per_item = 0.05  # running estimate, for Retry-After
+        self.warmed = False
+        self.warmup_error: str | None = None
+
+    @classmethod
+    def from_models_dir(cls, models_dir: str | Path, device: str = "auto", *, max_batch: int = 16,
+                        max_wait_ms: float = 5.0, queue_size: int = 64, amp: bool = True, timeout_s: float = 60.0,
+                        mask_provider: str | None = None) -> Engine:
+        """Load every DG-Net and CR-GAN checkpoint of ``models_dir`` (files ``NAME.pt`` and run
+        folders ``NAME/checkpoints/last.pt``; re-id checkpoints are skipped)."""
+        root = Path(models_dir)
+        dev = pick_device(device)
+        models = []
+        for name, path in scan_models_dir(root):
+            if not re.match(MODEL_NAME_PATTERN, name):
+                raise ReidgenError(f"model name {name!r} (from {path.relative_to(root)}) must be letters, digits, "
+                                   f"'.', '_' or '-' (at most 128); rename the file or folder")
+            model = load_model(name, path, root, dev, mask_provider)
+            if model is not None:
+                models.append(model)
+                log.info("loaded %s model %r from %s (%s)", model.kind, name, model.checkpoint, model.identity)
+        if not models:
+            raise ReidgenError(f"no DG-Net or CR-GAN checkpoints in {root} (expected NAME.pt files or run folders "
+                               f"with checkpoints/last.pt, written by reidgen train-dgnet / train-crgan)")
+        return cls(models, dev, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, amp=amp,
+                   timeout_s=timeout_s)
+
+    # -- registry ------------------------------------------------------------------------------
+    def model_for(self, op: str, name: str | None = None) -> ServedModel:
+        """The named model (or the default one) checked to be of the kind ``op`` needs."""
+        kind = OP_KIND[op]
+        loaded = ", ".join(f"{m.name} ({m.kind})" for m in self.models.values())
+        if name is None:
+            name = self.defaults[kind]
+            if name is None:
+                raise UnknownModel(f"no {KIND_TITLE[kind]} model is loaded, which {op} needs (loaded: {loaded})")
+        model = self.models.get(name)
+        if model is None:
+            raise UnknownModel(f"no model named {name!r}; loaded: {loaded}")
+        if model.kind != kind:
+            raise WrongModelKind(f"model {name!r} is a {KIND_TITLE[model.kind]} model; {op} needs a "
+                                 f"{KIND_TITLE[kind]} model (loaded: {loaded})")
+        return model
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "amp": self.amp, "max_batch": self.max_batch,
+                "max_wait_ms": self.max_wait_s * 1000, "queue_size": self.queue_size}
+
+    def model_infos(self) -> list[dict]:
+        return [m.info(self.defaults[m.kind] == m.name) for m in self.models.values()]
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def add_observer(self, fn: Callable[[str, str, int, int, float], None]) -> None:
+        """``fn(op, model, images, requests, seconds)`` after every model call (metrics)."""
+        self._observers.append(fn)
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed and self._thread is not None and self._thread.is_alive()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the batcher thread (idempotent)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="reidgen-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def warm_up(self) -> None:
+        """Run each model once (and, on CUDA, once at full batch size) so the first request does
+        not pay for lazy initialisation; the mask segmenters too."""
+        try:
+            sizes = [1] if self.device.type == "cpu" else sorted({1, self.max_batch})
+            for model in self.models.values():
+                h, w = model.image_size
+                for n in sizes:
+                    x = torch.zeros(n, 3, h, w)
+                    if model.kind == "dgnet":
+                        self.swap_batch(x, x, model=model.name)
+                    else:
+                        self.render_batch(x, x, torch.zeros(n, 1, h, w), model=model.name)
+                if model.masks is not None:
+                    model.person_mask(Image.new("RGB", (w, h)))
+            self.warmed = True
+        except Exception as exc:
+            self.warmup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("warm-up failed")
+            raise
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the batcher; requests still queued fail with `NotReady`."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(NotReady("the server is shutting down"))
+
+    # -- synchronous API (workers, trainers: the caller already has a batch) --------------------
+    def swap_batch(self, appearance: torch.Tensor, structure: torch.Tensor, grid: bool = False,
+                   model: str | None = None) -> torch.Tensor:
+        """Generated images for normalised image batches (any size: resized to the model's):
+        B×3×H×W pairs, or with ``grid`` an A×S×3×H×W grid. Runs in the calling thread."""
+        m = self.model_for("swap", model)
+        return self._direct("swap", m, SwapItem(self._fit(appearance, m), self._fit(structure, m), grid))
+
+    def interpolate_batch(self, first: torch.Tensor, second: torch.Tensor, steps: int, what: str = "appearance",
+                          model: str | None = None) -> torch.Tensor:
+        m = self.model_for("interpolate", model)
+        return self._direct("interpolate", m, InterpolateItem(self._fit(first, m), self._fit(second, m), steps, what))
+
+    def render_batch(self, source: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor,
+                     model: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rendered, context mask) for B×3×H×W sources/targets and B×1×H×W target person masks."""
+        m = self.model_for("render", model)
+        mask = target_mask if target_mask.shape[-2:] == m.image_size else \
+            F.interpolate(target_mask.float(), size=m.image_size, mode="bilinear", align_corners=False)
+        return self._direct("render", m, RenderItem(self._fit(source, m), self._fit(target, m), mask))
+
+    @staticmethod
+    def _fit(x: torch.Tensor, model: ServedModel) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == model.image_size:
+            return x
+        return F.interpolate(x, size=model.image_size, mode="bilinear", align_corners=False)
+
+    def _direct(self, op: str, model: ServedModel, item) -> Any:
+        job = Job(op, model, item, deadline=math.inf)
+        job.future.set_running_or_notify_cancel()
+        self._execute([job], self.max_batch)
+        return job.future.result()
+
+    # -- queued API (the HTTP service) ---------------------------------------------------------
+    def submit(self, op: str, model: ServedModel, item, timeout_s: float | None = None,
+               alone: bool = False) -> concurrent.futures.Future:
+        """Queue ``item`` for the batcher; ``alone`` keeps it out of merged batches. Raises
+        `QueueFull` at once when the queue is full and `NotReady` when the batcher is not running."""
+        if self._thread is None or not self._thread.is_alive():
+            raise NotReady("the inference engine is not running")
+        job = Job(op, model, item, time.monotonic() + (timeout_s or self.timeout_s), alone)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            wait = max(1, math.ceil(self._queue.qsize() * self._seconds_per_item * 2))
+            raise QueueFull(f"the server is busy ({self._queue.qsize()} requests waiting, the queue holds "
+                            f"{self.queue_size}); retry after {wait} s", retry_after=wait) from None
+        return job.future
+
+    async def run(self, op: str, model: ServedModel, item, timeout_s: float | None = None, alone: bool = False):
+        """`submit` and await the result without blocking the event loop, within the deadline."""
+        timeout_s = timeout_s or self.timeout_s
+        future = self.submit(op, model, item, timeout_s, alone)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            future.cancel()  # not started yet: the batcher skips it
+            raise DeadlineExceeded(f"the request did not finish within its deadline of {timeout_s:g} s "
+                                   f"(server busy or request too large)") from None
+
+    # -- the batcher ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            jobs, images = [first], first.size
+            until = time.monotonic() + self.max_wait_s
+            while not first.alone and images < self.max_batch:
+                left = until - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                jobs.append(job)
+                images += job.size
+            for group in self._groups(jobs):
+                self._run_group(group)
+
+    def _groups(self, jobs: list[Job]) -> list[list[Job]]:
+        """Jobs of one (operation, model), in order, packed up to ``max_batch`` images per group."""
+        by_key: dict[tuple[str, str], list[list[Job]]] = {}
+        for job in jobs:
+            groups = by_key.setdefault((job.op, job.model.name), [[]])
+            last = groups[-1]
+            if last and (job.alone or last[0].alone or sum(j.size for j in last) + job.size > self.max_batch):
+                groups.append(last := [])
+            last.append(job)
+        return [g for groups in by_key.values() for g in groups]
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        live = []
+        now = time.monotonic()
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the client gave up (deadline or disconnect)
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued "
+                                                          "(server busy); retry later or allow more time"))
+                continue
+            live.append(job)
+        if live:
+            try:
+                self._execute(live, self.max_batch)
+            except BaseException as exc:  # never let the batcher thread die
+                log.exception("batcher failure")
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+
+    def _execute(self, jobs: list[Job], chunk: int) -> None:
+        """Run ``jobs`` (same op and model) as one batch and settle their futures.
+
+        Out of memory: split the jobs in halves (or, for one job, halve the device batch) and
+        retry. Any other failure of a merged batch: re-run each job alone, so only the job that
+        fails gets the error.
+        """
+        op, model = jobs[0].op, jobs[0].model
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode(), autocast(self.device, self.amp):
+                results = RUNNERS[op](model.net, [j.item for j in jobs], self.device, chunk)
+        except Exception as exc:  # noqa: BLE001 - settled below: split, isolate or hand to the request
+            if _is_oom(exc):
+                torch.cuda.empty_cache()
+                if len(jobs) > 1:
+                    half = len(jobs) // 2
+                    log.warning("out of memory on %d requests of %s: splitting", len(jobs), op)
+                    self._execute(jobs[:half], chunk)
+                    self._execute(jobs[half:], chunk)
+                elif chunk > 1:
+                    log.warning("out of memory on a device batch of %d for %s: halving", chunk, op)
+                    self._execute(jobs, chunk // 2)
+                else:
+                    jobs[0].future.set_exception(OutOfMemory(
+                        "the server ran out of accelerator memory on this request; send fewer or smaller images"))
+                return
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._execute([job], chunk)
+                return
+            jobs[0].future.set_exception(exc)
+            return
+        seconds = time.perf_counter() - started
+        images = sum(j.size for j in jobs)
+        self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * seconds / max(1, images)
+        for job, result in zip(jobs, results):
+            job.future.set_result(result)
+        for fn in self._observers:
+            try:
+                fn(op, model.name, images, len(jobs), seconds)
+            except Exception:  # a metrics hook must not fail requests
+                log.exception("engine observer failed")

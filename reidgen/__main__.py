@@ -1,0 +1,5 @@
+import sys
+
+from reidgen.cli import main
+
+sys.exit(main())

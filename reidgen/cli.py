@@ -1,0 +1,432 @@
+"""The `reidgen` command line. Heavy imports happen inside each command, so `--help` is instant."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from reidgen.config import config_to_dict
+from reidgen.errors import ReidgenError
+
+DESCRIPTION = """\
+reidgen: synthetic training data for person re-identification (DG-Net, CR-GAN).
+
+Data sets are Market-1501 style folders (bounding_box_train/, query/, bounding_box_test/);
+--data takes a path or a data set name under $REIDGEN_DATA (default ../shared/data).
+"""
+
+
+def _add_reid_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="training data: a Market-style folder or a data set name (e.g. market1501_mini)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, metrics.jsonl, metrics.png, eval.json")
+    p.add_argument("--preset", default="small", choices=["paper", "small", "tiny"],
+                   help="paper: ResNet-50 at 256×128, 60 epochs; small (default): ImageNet EfficientNet-Lite0 "
+                        "at 128×64 for CPU; tiny: a small random CNN for smoke tests")
+    p.add_argument("--resume", metavar="CKPT", help="resume exactly from a checkpoint (its configuration wins)")
+    g = p.add_argument_group("overrides of the preset")
+    g.add_argument("--backbone", choices=["resnet50", "efficientnet_lite0", "small_cnn"])
+    g.add_argument("--pretrained", help="none | imagenet (offline: bundled or cached weights) | "
+                                        "imagenet-download (ResNet-50 via torchvision) | PATH to a state dict")
+    g.add_argument("--last-stride", type=int, choices=[1, 2])
+    g.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--sampler", choices=["random", "pk"], help="random batches, or P identities × K images")
+    g.add_argument("--p", type=int, help="identities per batch with --sampler pk")
+    g.add_argument("--k", type=int, help="images per identity with --sampler pk")
+    g.add_argument("--lr", type=float, help="learning rate of the heads (backbone: × --backbone-lr-mult)")
+    g.add_argument("--backbone-lr-mult", type=float)
+    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--milestones", type=float, nargs="*", help="epochs at which the lr is multiplied by --gamma")
+    g.add_argument("--gamma", type=float)
+    g.add_argument("--erasing-p", type=float, help="random erasing probability")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--workers", type=int, help="data loader processes")
+    g.add_argument("--max-steps", type=int, help="stop after this many steps")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also save every N steps")
+    g.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep step_N.pt snapshots")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="disable bf16 autocast on CUDA")
+    g.add_argument("--strict-images", action="store_true", default=None,
+                   help="stop at the first unreadable image instead of skipping it")
+    g.add_argument("--no-eval", dest="evaluate", action="store_false", default=None,
+                   help="skip the query/gallery evaluation after training")
+    g.add_argument("--eval-data", help="evaluate on this data set's query/gallery (default: --target with "
+                                       "--online-render, else --data)")
+    x = p.add_argument_group("fine-tuning and cross-domain (CR-GAN)")
+    x.add_argument("--init", metavar="CKPT", help="start from this re-id checkpoint (same identities)")
+    x.add_argument("--online-render", metavar="CRGAN_CKPT",
+                   help="train on source images rendered on the fly into random target contexts by CR-GAN")
+    x.add_argument("--target", help="target data set whose contexts --online-render uses")
+
+
+def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
+    out = {}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def cmd_train_reid(args: argparse.Namespace) -> int:
+    from reidgen.paths import resolve_data
+    from trainer.evaluate import evaluate_checkpoint
+    from trainer.train_reid import preset_config, train_reid
+
+    if args.resume:
+        last = train_reid(None, args.out, resume=args.resume)  # type: ignore[arg-type]
+        saved = json.loads((Path(args.out) / "config.json").read_text())
+    else:
+        if not args.data:
+            raise ReidgenError("--data is required (a Market-style folder or a data set name)")
+        data = str(resolve_data(args.data))
+        fields = ["backbone", "pretrained", "last_stride", "image_size", "epochs", "batch_size", "sampler", "p",
+                  "k", "lr", "backbone_lr_mult", "warmup_epochs", "milestones", "gamma", "erasing_p", "seed",
+                  "workers", "max_steps", "checkpoint_every", "keep_checkpoints", "device", "amp",
+                  "strict_images", "evaluate", "init", "online_render"]
+        extra = {k: str(resolve_data(getattr(args, k))) for k in ("target", "eval_data") if getattr(args, k)}
+        cfg = preset_config(args.preset, data=data, **_overrides(args, fields), **extra)
+        last = train_reid(cfg, args.out)
+        saved = config_to_dict(cfg)
+    print(f"checkpoint: {last}")
+    eval_data = saved["eval_data"] or (saved["target"] if saved["online_render"] else saved["data"])
+    if saved["evaluate"] and (Path(eval_data) / "query").is_dir():
+        report = evaluate_checkpoint(last, eval_data)
+        (Path(args.out) / "eval.json").write_text(report.model_dump_json(indent=2))
+        print(report.table())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from reidgen.paths import resolve_data
+    from trainer.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, resolve_data(args.data), part_weights=args.part_weights,
+                                 flip=not args.no_flip, device=args.device, batch_size=args.batch_size,
+                                 workers=args.workers, strict_images=args.strict_images, lmp=args.lmp)
+    print(report.model_dump_json(indent=2) if args.json else report.table())
+    if report.skipped_images and not args.json:
+        print(f"warning: skipped {len(report.skipped_images)} unreadable image(s), first: "
+              f"{report.skipped_images[0]}", file=sys.stderr)
+    return 0
+
+
+def cmd_train_dgnet(args: argparse.Namespace) -> int:
+    from reidgen.paths import resolve_data
+    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+
+    if args.resume:
+        last = train_dgnet(None, args.out, resume=args.resume)
+    else:
+        if not args.data or not args.teacher:
+            raise ReidgenError("--data and --teacher are required (the teacher comes from reidgen train-reid)")
+        fields = ["backbone", "pretrained", "iterations", "batch_size", "lr_ea", "lr_gen", "feed", "feed_start",
+                  "ramp", "ramp_code_loss", "detach_appearance_code", "cycle_max", "adv", "seed", "workers",
+                  "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
+                  "strict_images"]
+        cfg = dgnet_preset_config(args.preset, data=str(resolve_data(args.data)), teacher=args.teacher,
+                                  **_overrides(args, fields))
+        last = train_dgnet(cfg, args.out)
+    print(f"checkpoint: {last}")
+    return 0
+
+
+def cmd_train_crgan(args: argparse.Namespace) -> int:
+    from reidgen.paths import resolve_data
+    from trainer.train_crgan import crgan_preset_config, train_crgan
+
+    if args.resume:
+        last = train_crgan(None, args.out, resume=args.resume)
+    else:
+        if not (args.source and args.target and args.id_model):
+            raise ReidgenError("--source, --target and --id-model are required (the identity model comes from "
+                               "reidgen train-reid on the source)")
+        fields = ["masks", "mask_model", "mask_cache", "iterations", "batch_size", "lr", "cam_epochs",
+                  "dual_condition", "seed", "workers", "device", "amp", "checkpoint_every", "keep_checkpoints",
+                  "grid_every", "max_steps"]
+        cfg = crgan_preset_config(args.preset, source=str(resolve_data(args.source)),
+                                  target=str(resolve_data(args.target)), id_model=args.id_model,
+                                  **_overrides(args, fields))
+        last = train_crgan(cfg, args.out)
+    print(f"checkpoint: {last}")
+    return 0
+
+
+def cmd_swap_grid(args: argparse.Namespace) -> int:
+    import random
+
+    from generator_service.dgnet import DGNet
+    from generator_service.images import load_batch
+    from generator_service.swap_grid import interpolation_strip, swap_grid
+    from reidgen.market import scan_split
+    from reidgen.paths import resolve_data
+
+    model, _ = DGNet.from_checkpoint(args.checkpoint)
+    size = model.cfg.image_size
+    if args.appearance_images and args.structure_images:
+        app_paths, str_paths = args.appearance_images, args.structure_images
+    else:
+        if not args.data:
+            raise ReidgenError("give --data (images are picked from it) or --appearance-images and --structure-images")
+        items = [it for it in scan_split(resolve_data(args.data), args.split) if it.pid > 0]
+        rng = random.Random(args.seed)
+        by_id: dict[int, list[str]] = {}
+        for it in items:
+            by_id.setdefault(it.pid, []).append(it.path)
+        wanted = args.appearance + args.structure
+        if len(by_id) < wanted:
+            raise ReidgenError(f"{args.split} of {args.data} has {len(by_id)} identities; {wanted} are needed")
+        ids = rng.sample(sorted(by_id), wanted)  # distinct people in every row and column
+        paths = [rng.choice(by_id[i]) for i in ids]
+        app_paths, str_paths = paths[:args.appearance], paths[args.appearance:]
+    appearance, structure = load_batch(app_paths, size), load_batch(str_paths, size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    swap_grid(model, appearance, structure).save(out)
+    print(f"swap grid: {out} (rows: appearance, columns: structure)")
+    if args.interpolation_out:
+        interpolation_strip(model, appearance[0], appearance[-1] if len(appearance) > 1 else structure[0],
+                            steps=args.steps).save(args.interpolation_out)
+        print(f"interpolation strip: {args.interpolation_out} (row 1: appearance, row 2: structure)")
+    return 0
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from generator_service.masks import build_mask_provider, compute_masks, mask_sheet
+    from reidgen.market import scan_split
+    from reidgen.paths import resolve_data
+
+    opts = {}
+    if args.provider == "folder":
+        if not args.folder:
+            raise ReidgenError("--provider folder needs --folder DIR holding one PNG mask per image (same stem)")
+        opts["folder"] = args.folder
+    elif args.provider in ("pose", "selfie") and args.model:
+        opts["model_path"] = args.model
+    provider = build_mask_provider(args.provider, **opts)
+    data = resolve_data(args.data)
+    items = [it for split in args.splits for it in scan_split(data, split)]
+    if args.limit:
+        items = items[:args.limit]
+    masks = compute_masks(provider, items, args.out, strict=args.strict_images)
+    shown = [it.path for it in items if it.path in masks][:args.sheet_size]
+    sheet = Path(args.out) / f"sheet_{provider.name}.png"
+    mask_sheet(shown, [masks[p] for p in shown]).save(sheet)
+    print(f"{len(masks)} masks in {args.out} ({provider.name}); check them by eye: {sheet}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from generator_service.serve import serve
+
+    serve(args.models, host=args.host, port=args.port, api_key_file=args.api_key_file, device=args.device,
+          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+          batching=not args.no_batching, max_images=args.max_images, max_pixels=args.max_pixels,
+          request_timeout_s=args.timeout, mask_provider=args.masks)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from reidgen.paths import resolve_data
+    from trainer.evaluate import evaluate_checkpoint
+    from trainer.train_reid import preset_config, train_reid
+
+    data = resolve_data(args.data)
+    out = Path(args.out)
+    print(f"[1/2] training a baseline re-id model (small preset) on {data} for {args.epochs} epochs")
+    cfg = preset_config("small", data=str(data), epochs=args.epochs, milestones=(max(1, args.epochs - 2),))
+    last = train_reid(cfg, out / "reid")
+    print("[2/2] evaluating on the query/gallery split")
+    report = evaluate_checkpoint(last, data)
+    (out / "reid" / "eval.json").write_text(report.model_dump_json(indent=2))
+    print(report.table())
+    print(f"run folder: {out}  (curves: {out / 'reid' / 'metrics.png'})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reidgen", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-reid", help="train a baseline re-id model (also DG-Net's teacher, CR-GAN's D_id)",
+                       description="Train a re-id classifier (backbone → pooling → 512 bottleneck + BN → dropout → "
+                                   "classifier) with cross-entropy and SGD (warm-up, step decay). Writes checkpoints "
+                                   "that resume exactly, metrics.jsonl, metrics.png and, after training, eval.json.")
+    _add_reid_training_args(p)
+    p.set_defaults(func=cmd_train_reid)
+
+    p = sub.add_parser("evaluate", help="Rank-1/5/10, mAP, mINP of a checkpoint on a query/gallery split",
+                       description="Evaluate with the Market-1501 protocol (same-camera matches of the same id and "
+                                   "junk images ignored). Features are flip-averaged unless --no-flip.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (uses checkpoints/last.pt)")
+    p.add_argument("--data", required=True, help="folder with query/ and bounding_box_test/, or a data set name")
+    p.add_argument("--part-weights", type=float, nargs="+", metavar="W",
+                   help="weights of the feature parts in the score (DG-Net: 1 β)")
+    p.add_argument("--no-flip", action="store_true", help="do not average with mirrored images")
+    p.add_argument("--lmp", type=int, default=0, metavar="P",
+                   help="local max pooling: P horizontal stripes of the backbone's feature map as the feature")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--strict-images", action="store_true", help="fail on an unreadable image instead of skipping")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train-dgnet", help="train DG-Net (E_a, E_s, G, D) jointly with a teacher, online feed",
+                       description="Joint discriminative and generative training (DG-Net). Needs a teacher from "
+                                   "reidgen train-reid on the same training identities. Writes checkpoints that resume "
+                                   "exactly, metrics.jsonl (every loss, every iteration), metrics.png and image grids "
+                                   "under grids/ (rows: a, b, reconstruction, positive swap, a on b, b on a). "
+                                   "Several GPUs: torchrun --nproc_per_node N -m reidgen train-dgnet ...")
+    p.add_argument("--data", help="training data: a Market-style folder or a data set name")
+    p.add_argument("--teacher", help="baseline checkpoint (reidgen train-reid) giving the soft labels")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--preset", default="small", choices=["paper", "small"],
+                   help="paper: ResNet-50, 256×128, the appendix's shapes, 100K iterations; small (default): "
+                        "EfficientNet-Lite0, 128×64, narrower networks, 2K iterations")
+    p.add_argument("--resume", metavar="CKPT", help="resume exactly from a checkpoint (its configuration wins)")
+    g = p.add_argument_group("overrides of the preset")
+    g.add_argument("--backbone", choices=["resnet50", "efficientnet_lite0", "small_cnn"])
+    g.add_argument("--pretrained", help="none | imagenet | imagenet-download | PATH (backbone weights)")
+    g.add_argument("--iterations", type=int, help="run length; warm-up, ramp and lr steps scale with it")
+    g.add_argument("--batch-size", type=int, help="images per loader (two loaders)")
+    g.add_argument("--lr-ea", type=float, help="SGD learning rate of E_a")
+    g.add_argument("--lr-gen", type=float, help="Adam learning rate of E_s, G, D")
+    g.add_argument("--no-feed", dest="feed", action="store_false", default=None,
+                   help="do not feed generated images to E_a (the paper's 'w/o feed' ablation)")
+    g.add_argument("--feed-start", type=float, help="fraction of the run before L_prim/L_fine start (0.3)")
+    g.add_argument("--ramp", type=float, help="fraction of the run for λ_prim to ramp 0→2 (0.04)")
+    g.add_argument("--ramp-code-loss", action="store_true", default=None,
+                   help="reference code: ramp L_code in from --feed-start too")
+    g.add_argument("--no-detach-appearance", dest="detach_appearance_code", action="store_false", default=None,
+                   help="let generative losses reach E_a through the appearance code (paper); default detaches "
+                        "it (reference code)")
+    g.add_argument("--cycle-max", type=float, help="weight of the reference code's cycle loss after the ramp (0)")
+    g.add_argument("--adv", type=float, help="weight of G's adversarial loss (1; reference code 2)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--workers", type=int)
+    g.add_argument("--device")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None)
+    g.add_argument("--checkpoint-every", type=int, metavar="ITERS")
+    g.add_argument("--keep-checkpoints", action="store_true", default=None)
+    g.add_argument("--grid-every", type=int, metavar="ITERS", help="write an image grid every N iterations")
+    g.add_argument("--max-steps", type=int, help="stop after this many iterations")
+    g.add_argument("--strict-images", action="store_true", default=None)
+    p.set_defaults(func=cmd_train_dgnet)
+
+    p = sub.add_parser("train-crgan", help="train CR-GAN: render source persons into target-domain contexts",
+                       description="Instance-guided context rendering (CR-GAN). Pre-trains the camera classifier "
+                                   "D_cam on the target's camera labels, then alternates the domain discriminator "
+                                   "and the dual-conditional generator. Person masks are computed once and cached "
+                                   "(RUN/masks by default). Grids under grids/: source, target, masked target, "
+                                   "context mask, rendering.")
+    p.add_argument("--source", help="labelled source data set (Market-style)")
+    p.add_argument("--target", help="target data set (its train split; only camera ids are used)")
+    p.add_argument("--id-model", help="D_id: baseline re-id checkpoint trained on the source (train-reid)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--preset", default="small", choices=["paper", "small"],
+                   help="paper: 256×128, 64-channel pathways, batch 32; small (default): 128×64, 32 channels, batch 8")
+    p.add_argument("--resume", metavar="CKPT", help="resume exactly from a checkpoint")
+    g = p.add_argument_group("overrides of the preset")
+    g.add_argument("--masks", choices=["pose", "selfie", "geometric"], help="person-mask provider (default pose)")
+    g.add_argument("--mask-model", help=".tflite model file for pose/selfie masks")
+    g.add_argument("--mask-cache", help="where to cache masks (default RUN/masks)")
+    g.add_argument("--iterations", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float, help="Adam lr (constant for half the run, then linear to 0)")
+    g.add_argument("--cam-epochs", type=int, help="epochs of D_cam pre-training")
+    g.add_argument("--no-dual-condition", dest="dual_condition", action="store_false", default=None,
+                   help="the paper's 'w/o dual condition' ablation: the generator sees only the source")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--workers", type=int)
+    g.add_argument("--device")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None)
+    g.add_argument("--checkpoint-every", type=int, metavar="ITERS")
+    g.add_argument("--keep-checkpoints", action="store_true", default=None)
+    g.add_argument("--grid-every", type=int, metavar="ITERS")
+    g.add_argument("--max-steps", type=int)
+    p.set_defaults(func=cmd_train_crgan)
+
+    p = sub.add_parser("swap-grid", help="PNG of appearance × structure swaps (paper Fig. 1), interpolation strip",
+                       description="Rows take the appearance of the images in the first column, columns the "
+                                   "structure of the images in the first row. Images are picked at random from "
+                                   "distinct identities of --data, or given explicitly.")
+    p.add_argument("--checkpoint", required=True, help="DG-Net checkpoint or run folder")
+    p.add_argument("--data", help="data set to pick images from")
+    p.add_argument("--split", default="query", choices=["train", "query", "gallery"])
+    p.add_argument("--appearance", type=int, default=4, help="number of appearance images (rows)")
+    p.add_argument("--structure", type=int, default=6, help="number of structure images (columns)")
+    p.add_argument("--appearance-images", nargs="+", metavar="IMG")
+    p.add_argument("--structure-images", nargs="+", metavar="IMG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--interpolation-out", metavar="PNG", help="also write an interpolation strip (Figs. 5, 9)")
+    p.add_argument("--steps", type=int, default=8, help="interpolation steps")
+    p.set_defaults(func=cmd_swap_grid)
+
+    p = sub.add_parser("masks", help="person masks for CR-GAN (TFLite segmenter, a folder of masks, or a prior)",
+                       description="Compute person masks (1 = person) for the images of a data set, cached as PNGs "
+                                   "under --out (one folder per provider and model, so reruns skip done images), and "
+                                   "a contact sheet of masks over images to check by eye. Providers: pose (default; "
+                                   "MediaPipe pose-landmark segmentation, offline), selfie (MediaPipe selfie "
+                                   "segmentation), folder (any human parser's PNGs with the images' file names), "
+                                   "geometric (a person-shaped prior, no model).")
+    p.add_argument("--data", required=True, help="data set folder or name")
+    p.add_argument("--out", required=True, help="mask cache folder")
+    p.add_argument("--provider", default="pose", choices=["pose", "selfie", "folder", "geometric"])
+    p.add_argument("--model", help="the .tflite file (default: $REIDGEN_MASK_MODEL or ../shared/models)")
+    p.add_argument("--folder", help="precomputed masks for --provider folder")
+    p.add_argument("--splits", nargs="+", default=["train"], choices=["train", "query", "gallery"])
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--sheet-size", type=int, default=32, help="images on the contact sheet")
+    p.add_argument("--strict-images", action="store_true", help="fail on an unreadable image instead of skipping")
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("serve", help="HTTP service: swap, render, interpolate (FastAPI, dynamic batching)",
+                       description="Serve the DG-Net and CR-GAN checkpoints of a models folder (NAME.pt files or run "
+                                   "folders) over HTTP: /v1/swap, /v1/render, /v1/interpolate, /v1/models, /v1/healthz, "
+                                   "/v1/readyz, /v1/metrics; OpenAPI at /docs. Binds 127.0.0.1 unless --host says "
+                                   "otherwise. With an API key (--api-key-file or $REIDGEN_API_KEY) every endpoint but "
+                                   "health and readiness requires it (X-API-Key or Authorization: Bearer).")
+    p.add_argument("--models", required=True, help="folder of checkpoints or run folders")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", help="file whose first line is the API key")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=int, default=16, help="most images per model call")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--queue-size", type=int, default=64, help="queued requests before 503 + Retry-After")
+    p.add_argument("--no-batching", action="store_true", help="run every request alone (for comparison)")
+    p.add_argument("--max-images", type=int, default=16, help="images per request")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per input image")
+    p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
+    p.add_argument("--masks", choices=["pose", "selfie", "geometric"],
+                   help="person masks of /v1/render's target images (default: what the CR-GAN was trained with)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="the main job, small and end to end on CPU",
+                       description="Train a baseline re-id model briefly on a small real data set and evaluate it.")
+    p.add_argument("--data", default="market1501_mini", help="data set folder or name (default market1501_mini)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ReidgenError as exc:
+        print(f"reidgen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reidgen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real data sets (read in place, never copied) and small run helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from reidgen.paths import data_root
+
+# Tests must not oversubscribe the 2 CI cores with data-loader processes.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _dataset(name: str) -> Path:
+    path = data_root() / name
+    if not path.is_dir():
+        pytest.skip(f"real data {path} not found (set REIDGEN_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def market_mini() -> Path:
+    return _dataset("market1501_mini")
+
+
+@pytest.fixture(scope="session")
+def cuhk_mini() -> Path:
+    return _dataset("cuhk03_mini")
+
+
+def make_market_subset(src: Path, dst: Path, ids: int, per_split: dict[str, int] | None = None) -> Path:
+    """A Market-style folder of symlinks to the first ``ids`` identities of each split of ``src``."""
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        (dst / split).mkdir(parents=True, exist_ok=True)
+        files = sorted((src / split).iterdir())
+        keep = sorted({f.name.split("_")[0] for f in files if not f.name.startswith("-1")})[:ids]
+        for f in files:
+            if f.name.split("_")[0] in keep:
+                (dst / split / f.name).symlink_to(f)
+    return dst

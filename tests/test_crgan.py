@@ -1,0 +1,126 @@
+"""CR-GAN on real images (source market1501_mini, target cuhk03_mini): composition, shapes, a
+short training run, exact resume, refusals, and the on-the-fly rendering feed for re-id."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import make_market_subset
+
+from generator_service.crgan import ContextRenderer
+from generator_service.crgan_nets import (
+    CRGAN_PRESETS,
+    CameraClassifier,
+    ContextGenerator,
+    DomainDiscriminator,
+    compose,
+    mask_person,
+)
+from reidgen.errors import ReidgenError
+from trainer.runlog import read_jsonl
+from trainer.train_crgan import CRGANTrainer, crgan_preset_config, train_crgan
+from trainer.train_reid import preset_config, train_reid
+
+
+def test_composition_formula_is_exact():
+    source, residual = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
+    assert torch.equal(compose(residual, torch.zeros(2, 1, 16, 8), source), source)
+    assert torch.equal(compose(residual, torch.ones(2, 1, 16, 8), source), residual)
+    half = compose(residual, torch.full((2, 1, 16, 8), 0.5), source)
+    assert torch.allclose(half, (residual + source) / 2)
+    target, mask = torch.randn(1, 3, 4, 2), torch.tensor([[[[1.0, 0], [0, 0], [0, 1], [0, 0]]]])
+    masked = mask_person(target, mask)
+    assert masked[0, :, 0, 0].abs().sum() == 0 and torch.equal(masked[0, :, 1, 0], target[0, :, 1, 0])
+
+
+@pytest.mark.parametrize("preset", ["paper", "small"])
+@torch.no_grad()
+def test_shape_contracts(preset):
+    cfg = CRGAN_PRESETS[preset]
+    x = torch.randn(2, 3, *cfg.image_size)
+    gen = ContextGenerator(cfg).eval()
+    rendered, residual, context_mask = gen(x, x)
+    assert rendered.shape == residual.shape == x.shape and context_mask.shape == (2, 1, *cfg.image_size)
+    assert 0 <= context_mask.min() and context_mask.max() <= 1
+    # The generator's output is the composition of its two heads with the source.
+    assert torch.allclose(rendered, compose(residual, context_mask, x))
+    assert DomainDiscriminator(cfg)(x).shape[:2] == (2, 1)
+    assert CameraClassifier(6, cfg)(x).shape == (2, 6)
+    single = ContextGenerator(replace(cfg, dual_condition=False)).eval()
+    assert single(x, None)[0].shape == x.shape and single.context_path is None
+    with pytest.raises(ValueError, match="needs the masked target"):
+        gen(x, None)
+
+
+@pytest.fixture(scope="module")
+def domains(market_mini, cuhk_mini, tmp_path_factory):
+    root = tmp_path_factory.mktemp("domains")
+    source = make_market_subset(market_mini, root / "source", ids=15)
+    return source, make_market_subset(cuhk_mini, root / "target", ids=30)
+
+
+@pytest.fixture(scope="module")
+def id_model(domains, tmp_path_factory):
+    cfg = preset_config("tiny", data=str(domains[0]), epochs=1, workers=0, evaluate=False)
+    return train_reid(cfg, tmp_path_factory.mktemp("d_id"), progress=False)
+
+
+def small_cfg(domains, id_model, **kw):
+    model = replace(CRGAN_PRESETS["small"], base_channels=12, dis_channels=16, cam_channels=(8, 16, 32, 32))
+    base = dict(source=str(domains[0]), target=str(domains[1]), id_model=str(id_model), model=model, masks="pose",
+                batch_size=4, cam_epochs=1, workers=0, grid_every=0, amp=False)
+    base.update(kw)
+    return crgan_preset_config("small", **base)
+
+
+@pytest.fixture(scope="module")
+def crgan_run(domains, id_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("crgan")
+    cfg = small_cfg(domains, id_model, iterations=80, checkpoint_every=40, keep_checkpoints=True, grid_every=40)
+    train_crgan(cfg, out, progress=False)
+    return out
+
+
+def test_short_training_lowers_context_loss(crgan_run):
+    records = read_jsonl(crgan_run / "metrics.jsonl")
+    steps = [r for r in records if "l_con" in r]
+    assert len(steps) == 80
+    first = sum(r["l_con"] for r in steps[:10]) / 10
+    last = sum(r["l_con"] for r in steps[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+    assert [r["g_updates"] for r in steps[:40]] == [1] * 40 and steps[-1]["g_updates"] == 2
+    assert any(r.get("event") == "d_cam" for r in records)
+    assert sorted(p.name for p in (crgan_run / "grids").iterdir()) == ["step_0000040.png", "step_0000080.png"]
+    assert any((crgan_run / "masks" / "source").iterdir())
+
+
+def test_resume_equals_uninterrupted(crgan_run, tmp_path):
+    full = {r["step"]: r for r in read_jsonl(crgan_run / "metrics.jsonl") if "l_con" in r}
+    trainer = CRGANTrainer(None, tmp_path, resume=crgan_run / "checkpoints" / "step_0000040.pt", progress=False)
+    trainer.cfg.max_steps = 44
+    trainer.run()
+    resumed = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl") if "l_con" in r}
+    assert sorted(resumed) == [41, 42, 43, 44]
+    for step, rec in resumed.items():
+        for key in ("total", "l_con", "d_loss"):
+            assert rec[key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_identity_model_of_other_identities_is_refused(domains, market_mini, tmp_path):
+    cfg = preset_config("tiny", data=str(market_mini), max_steps=1, workers=0, evaluate=False)
+    other = train_reid(cfg, tmp_path / "other", progress=False)
+    with pytest.raises(ReidgenError, match="identity model .* class lists differ"):
+        train_crgan(small_cfg(domains, other, iterations=1), tmp_path / "run", progress=False)
+
+
+def test_online_render_fine_tuning(crgan_run, domains, id_model, tmp_path):
+    renderer = ContextRenderer(crgan_run / "checkpoints" / "last.pt")
+    assert renderer.image_size == (128, 64)
+    cfg = preset_config("tiny", data=str(domains[0]), init=str(id_model), target=str(domains[1]),
+                        online_render=str(crgan_run / "checkpoints" / "last.pt"), max_steps=4, workers=0,
+                        evaluate=False)
+    train_reid(cfg, tmp_path, progress=False)
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
+    assert any((tmp_path / "masks" / "target").iterdir())

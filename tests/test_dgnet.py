@@ -1,0 +1,137 @@
+"""DG-Net on real images: the paper preset's shape contract, a real training run, exact resume,
+the teacher class-order check, swap grids, test-time features and two-process data parallelism."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_market_subset
+from PIL import Image
+
+from generator_service.dgnet import DGNET_PRESETS, DGNet
+from generator_service.dgnet_nets import count_parameters
+from reidgen.cli import main
+from reidgen.errors import ReidgenError
+from trainer.evaluate import load_embedder
+from trainer.runlog import read_jsonl
+from trainer.train_dgnet import DGNetTrainer, dgnet_preset_config, train_dgnet
+from trainer.train_reid import preset_config, train_reid
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def test_paper_preset_shape_contract():
+    net = DGNet(DGNET_PRESETS["paper"], num_classes=751).eval()
+    x = torch.randn(2, 3, 256, 128)
+    assert net.encode_appearance(x).shape == (2, 2048, 4, 1)
+    assert net.encode_structure(x).shape == (2, 128, 64, 32)
+    assert net.swap(x, x.flip(0)).shape == (2, 3, 256, 128)
+    _, (logits_prim, logits_fine), (f_prim, f_fine) = net.ea(x)
+    assert logits_prim.shape == logits_fine.shape == (2, 751) and f_prim.shape == f_fine.shape == (2, 512)
+    g = count_parameters(net.es) + count_parameters(net.dec)
+    assert abs(g - 13.38e6) / 13.38e6 < 0.005  # REFERENCE.md: G total 13.38M (with E_s)
+    assert abs(count_parameters(net.dis) - 1.03e6) / 1.03e6 < 0.01
+    assert [o.shape[-2:] for o in net.dis(x)] == [(64, 32), (32, 16), (16, 8)]
+
+
+@pytest.fixture(scope="module")
+def data20(market_mini, tmp_path_factory):
+    return make_market_subset(market_mini, tmp_path_factory.mktemp("m20"), ids=20)
+
+
+@pytest.fixture(scope="module")
+def teacher(data20, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = preset_config("tiny", data=str(data20), epochs=2, workers=0, evaluate=False)
+    return train_reid(cfg, out, progress=False)
+
+
+def dg_config(data, teacher, **kw):
+    base = dict(data=str(data), teacher=str(teacher), backbone="small_cnn", pretrained="none", workers=0,
+                batch_size=4, grid_every=0, checkpoint_every=10_000, amp=False)
+    base.update(kw)
+    return dgnet_preset_config("small", **base)
+
+
+@pytest.fixture(scope="module")
+def dg_run(data20, teacher, tmp_path_factory):
+    """A real run: small preset networks (light backbone), a few hundred iterations."""
+    out = tmp_path_factory.mktemp("dgnet")
+    cfg = dg_config(data20, teacher, iterations=240, feed_start=0.5, ramp=0.1, grid_every=120,
+                    checkpoint_every=120, keep_checkpoints=True)
+    train_dgnet(cfg, out, progress=False)
+    return out
+
+
+def test_training_reconstructs_better_and_feeds_generated_images(dg_run):
+    steps = [r for r in read_jsonl(dg_run / "metrics.jsonl") if "l_img1" in r]
+    assert len(steps) == 240
+    first = sum(r["l_img1"] for r in steps[:20]) / 20
+    last = sum(r["l_img1"] for r in steps[-20:]) / 20
+    assert last < 0.7 * first, (first, last)
+    # L_prim/L_fine start after the warm-up (half the run here) and ramp in.
+    assert all(r["lam_prim"] == 0 and "l_prim" not in r for r in steps[:120])
+    assert steps[-1]["lam_prim"] == pytest.approx(2.0) and steps[-1]["lam_fine"] == pytest.approx(0.4)
+    assert all(torch.isfinite(torch.tensor(r["total"])) for r in steps)
+    assert sorted(p.name for p in (dg_run / "grids").iterdir()) == ["step_0000120.png", "step_0000240.png"]
+    assert (dg_run / "metrics.png").exists()
+
+
+def test_resume_equals_uninterrupted(dg_run, tmp_path):
+    full = {r["step"]: r for r in read_jsonl(dg_run / "metrics.jsonl") if "l_img1" in r}
+    cfg_dict = json.loads((dg_run / "config.json").read_text())
+    snapshot = dg_run / "checkpoints" / "step_0000120.pt"
+    trainer = DGNetTrainer(None, tmp_path, resume=snapshot, progress=False)
+    trainer.cfg.max_steps = 126
+    trainer.run()
+    resumed = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl") if "l_img1" in r}
+    assert sorted(resumed) == list(range(121, 127))
+    for step, rec in resumed.items():
+        for key in ("total", "l_img1", "d_adv", "l_prim"):
+            assert rec[key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
+    assert cfg_dict["iterations"] == 240
+
+
+def test_mismatched_teacher_is_refused(market_mini, teacher, tmp_path):
+    cfg = dg_config(market_mini, teacher, iterations=2)
+    with pytest.raises(ReidgenError, match="teacher .* class lists differ"):
+        train_dgnet(cfg, tmp_path, progress=False)
+
+
+def test_swap_grid_and_interpolation_from_real_images(dg_run, data20, tmp_path, capsys):
+    grid, strip = tmp_path / "grid.png", tmp_path / "strip.png"
+    assert main(["swap-grid", "--checkpoint", str(dg_run), "--data", str(data20), "--appearance", "3",
+                 "--structure", "5", "--out", str(grid), "--interpolation-out", str(strip), "--steps", "6"]) == 0
+    with Image.open(grid) as im:
+        # 1 + 5 columns, 1 + 3 rows of 64×128 cells with 2-pixel borders.
+        assert im.size == (6 * 66 + 2, 4 * 130 + 2)
+    with Image.open(strip) as im:
+        assert im.size == (8 * 66 + 2, 2 * 130 + 2)
+
+
+def test_dgnet_checkpoint_evaluates_with_two_feature_parts(dg_run):
+    model, size, parts, weights = load_embedder(dg_run / "checkpoints" / "last.pt")
+    assert parts == ["f_prim", "f_fine"] and weights == [1.0, 0.5] and size == (128, 64)
+    feats = model.embed(torch.randn(2, 3, *size))
+    assert [f.shape for f in feats] == [(2, 512), (2, 512)]
+
+
+def test_two_processes_stay_in_sync(data20, teacher, tmp_path):
+    """torchrun with 2 CPU processes (gloo): gradients averaged, weights identical at the end."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "reidgen", "train-dgnet", "--data", str(data20), "--teacher", str(teacher), "--out", str(out),
+           "--backbone", "small_cnn", "--pretrained", "none", "--iterations", "6", "--batch-size", "4",
+           "--workers", "0", "--grid-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    end = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "end"][0]
+    assert end["ranks"] == 2 and end["ranks_in_sync"] is True
+    assert len([r for r in read_jsonl(out / "metrics.jsonl") if "l_img1" in r]) == 6

@@ -1,0 +1,283 @@
+"""CR-GAN training: render labelled source persons into the contexts of unlabelled target images.
+
+    I.  D_id = a baseline re-id model trained on the source (``--id-model``, frozen here);
+        D_cam = a five-layer CNN pre-trained here on the target's camera labels.
+    II. Alternate D_d (LSGAN: target images real, renderings fake) and G with
+        λ_adv·L_adv + λ_id·L_id + λ_cam·L_cam + λ_con·L_con   (2, 1, 1, 5)
+        L_con = mean((X_G − X_S)² ∘ M_F) + mean((X_G − X_T)² ∘ M_B), M_F/M_B the source person's
+        foreground/background masks. Adam, lr constant for the first half then linear to 0; G is
+        updated twice per iteration in the second half.
+
+Run folder: config.json, metrics.jsonl, metrics.png, checkpoints/, grids/ (rows: source,
+target, masked target, context mask, rendering) and masks/ (the mask caches).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from generator_service.checkpoint import load_checkpoint, load_state, save_checkpoint
+from generator_service.crgan_nets import (
+    CRGAN_PRESETS,
+    CameraClassifier,
+    ContextGenerator,
+    CRGANConfig,
+    DomainDiscriminator,
+    mask_person,
+)
+from generator_service.device import autocast, pick_device
+from generator_service.dgnet_nets import lsgan_d_loss, lsgan_g_loss
+from generator_service.images import image_grid, normalize
+from generator_service.masks import build_mask_provider, ensure_masks
+from generator_service.reid_model import ReidModelConfig, ReidNet
+from reidgen.config import config_from_dict, config_to_dict, from_preset
+from reidgen.errors import ReidgenError
+from reidgen.market import LabelMap, scan_split
+from trainer.data import MaskedImageDataset, endless_batches, epoch_loader
+from trainer.device import rng_state, set_rng_state
+from trainer.runlog import RunLog, plot_metrics
+from trainer.samplers import RandomBatchSampler
+from trainer.schedule import constant_then_linear_factor, set_lr
+
+
+@dataclass
+class CRGANTrainConfig:
+    source: str = ""
+    target: str = ""
+    id_model: str = ""
+    model: CRGANConfig = field(default_factory=lambda: CRGAN_PRESETS["small"])
+    masks: str = "pose"               # mask provider: pose | selfie | geometric
+    mask_model: str = ""              # .tflite path (default: $REIDGEN_MASK_MODEL or ../shared/models)
+    mask_cache: str = ""              # default: RUN/masks
+    iterations: int = 2000
+    batch_size: int = 8
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lambda_adv: float = 2.0
+    lambda_id: float = 1.0
+    lambda_cam: float = 1.0
+    lambda_con: float = 5.0
+    cam_epochs: int = 3               # D_cam pre-training on the target's camera labels
+    cam_lr: float = 1e-3
+    seed: int = 0
+    workers: int = max(0, min(4, (os.cpu_count() or 1) - 1))
+    device: str = "auto"
+    amp: bool = True
+    checkpoint_every: int = 500
+    keep_checkpoints: bool = False
+    grid_every: int = 250
+    max_steps: int = 0
+
+
+CRGAN_TRAIN_PRESETS = {
+    "paper": CRGANTrainConfig(model=CRGAN_PRESETS["paper"], batch_size=32, iterations=20_000),
+    "small": CRGANTrainConfig(model=CRGAN_PRESETS["small"], batch_size=8, iterations=2000),
+}
+
+
+def crgan_preset_config(name: str, **overrides) -> CRGANTrainConfig:
+    """A named preset with fields overridden (model fields such as ``dual_condition`` included)."""
+    return from_preset(CRGAN_TRAIN_PRESETS, name, **overrides)
+
+
+def load_id_model(path: str, label_map: LabelMap, device: torch.device) -> ReidNet:
+    """D_id: the source re-id model, frozen, with the source's class order."""
+    ckpt = load_checkpoint(path, "reid")
+    LabelMap(tuple(ckpt["label_map"])).require_same(label_map, f"identity model {path} vs the source data")
+    net = ReidNet(config_from_dict(ReidModelConfig, ckpt["model_config"]), len(label_map))
+    load_state(net, ckpt["model"], f"identity model {path}")
+    return net.to(device).eval().requires_grad_(False)
+
+
+class CRGANTrainer:
+    def __init__(self, cfg: CRGANTrainConfig | None, out: str | Path, resume: str | Path | None = None,
+                 progress: bool = True):
+        ckpt = load_checkpoint(resume, "crgan") if resume else None
+        if ckpt is not None:
+            cfg = config_from_dict(CRGANTrainConfig, ckpt["train_config"])
+        assert cfg is not None
+        if not cfg.id_model:
+            raise ReidgenError("--id-model is required: a baseline re-id model trained on the source (train-reid)")
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.device = pick_device(cfg.device)
+        size = cfg.model.image_size
+
+        self.source_items = scan_split(cfg.source, "train")
+        self.target_items = scan_split(cfg.target, "train")
+        self.label_map = LabelMap.from_items(self.source_items)
+        self.cameras = sorted({it.camid for it in self.target_items})
+        self.d_id = load_id_model(cfg.id_model, self.label_map, self.device)
+
+        provider_opts = {"model_path": cfg.mask_model} if cfg.mask_model and cfg.masks in ("pose", "selfie") else {}
+        provider = build_mask_provider(cfg.masks, **provider_opts)
+        mask_root = Path(cfg.mask_cache) if cfg.mask_cache else self.out / "masks"
+        datasets = []
+        for name, items in (("source", self.source_items), ("target", self.target_items)):
+            cache, done = ensure_masks(provider, items, mask_root / name, progress=progress)
+            kept = set(done)
+            items = [it for it in items if it.path in kept]  # unreadable images were reported and left out
+            labels = [self.label_map.index(it.pid) if name == "source" else -1 for it in items]
+            cams = [self.cameras.index(it.camid) if name == "target" else -1 for it in items]
+            datasets.append(MaskedImageDataset(items, cache, size, labels, cams))
+        self.source, self.target = datasets
+
+        torch.manual_seed(cfg.seed)
+        self.gen = ContextGenerator(cfg.model).to(self.device)
+        self.dis = DomainDiscriminator(cfg.model).to(self.device)
+        self.d_cam = CameraClassifier(len(self.cameras), cfg.model).to(self.device)
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr, betas=cfg.betas)
+        self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=cfg.lr, betas=cfg.betas)
+        for opt in (self.opt_g, self.opt_d):
+            for g in opt.param_groups:
+                g["initial_lr"] = g["lr"]
+        self.step, self.cam_trained = 0, False
+        if ckpt is not None:
+            for name in ("gen", "dis", "d_cam"):
+                load_state(getattr(self, name), ckpt["models"][name], f"checkpoint {resume} ({name})")
+            self.opt_g.load_state_dict(ckpt["optimizers"]["g"])
+            self.opt_d.load_state_dict(ckpt["optimizers"]["d"])
+            self.step, self.cam_trained = ckpt["step"], True
+            set_rng_state(ckpt["rng"])
+        self.resumed_from = self.step if ckpt is not None else None
+        self.samplers = [RandomBatchSampler(len(self.source), cfg.batch_size, cfg.seed),
+                         RandomBatchSampler(len(self.target), cfg.batch_size, cfg.seed + 1)]
+
+    # -- D_cam pre-training ----------------------------------------------------------------------
+    def pretrain_camera_classifier(self, log: RunLog) -> None:
+        cfg = self.cfg
+        opt = torch.optim.Adam(self.d_cam.parameters(), lr=cfg.cam_lr)
+        sampler = RandomBatchSampler(len(self.target), 32 if len(self.target) >= 32 else len(self.target), cfg.seed + 7)
+        self.d_cam.train()
+        for epoch in range(cfg.cam_epochs):
+            sampler.set_epoch(epoch)
+            correct = seen = 0
+            batches = tqdm(epoch_loader(self.target, sampler, cfg.workers, self.device), total=len(sampler),
+                           desc=f"D_cam epoch {epoch + 1}/{cfg.cam_epochs}", disable=not self.progress, leave=False)
+            for images, _, _, cams, ok in batches:
+                images, cams = images[ok].to(self.device), cams[ok].to(self.device)
+                with autocast(self.device, cfg.amp):
+                    logits = self.d_cam(images)
+                loss = F.cross_entropy(logits.float(), cams)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                correct += (logits.argmax(1) == cams).sum().item()
+                seen += len(cams)
+            log.write(step=0, event="d_cam", epoch=epoch, cam_loss=loss.item(), cam_acc=correct / max(1, seen))
+        self.cam_trained = True
+
+    # -- one iteration -------------------------------------------------------------------------
+    def train_step(self, source_batch, target_batch) -> dict[str, float]:
+        cfg = self.cfg
+        xs, ms, ys, _, ok_s = source_batch
+        xt, mt, _, ct, ok_t = target_batch
+        n = int(min(ok_s.sum(), ok_t.sum()))
+        if n < 1:
+            return {}
+        dev = self.device
+        xs, ms, ys = xs[ok_s][:n].to(dev), ms[ok_s][:n].to(dev), ys[ok_s][:n].to(dev)
+        xt, mt, ct = xt[ok_t][:n].to(dev), mt[ok_t][:n].to(dev), ct[ok_t][:n].to(dev)
+        xt_masked = mask_person(xt, mt)
+
+        with autocast(dev, cfg.amp):
+            with torch.no_grad():
+                fake = self.gen(xs, xt_masked if cfg.model.dual_condition else None)[0]
+            d_loss = lsgan_d_loss([self.dis(xt)], [self.dis(fake)])
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.float().backward()
+        self.opt_d.step()
+
+        # G twice per iteration in the second half, to keep up with D (paper).
+        g_updates = 2 if self.step >= cfg.iterations / 2 else 1
+        self.dis.requires_grad_(False)
+        for _ in range(g_updates):
+            with autocast(dev, cfg.amp):
+                xg, _, context_mask = self.gen(xs, xt_masked if cfg.model.dual_condition else None)
+                l_adv = lsgan_g_loss([self.dis(xg)])
+                l_cam = F.cross_entropy(self.d_cam(xg).float(), ct)
+                l_id = F.cross_entropy(self.d_id(xg)[0].float(), ys)
+                l_con = ((xg - xs) ** 2 * ms).mean() + ((xg - xt) ** 2 * (1 - ms)).mean()
+                total = (cfg.lambda_adv * l_adv + cfg.lambda_id * l_id + cfg.lambda_cam * l_cam
+                         + cfg.lambda_con * l_con)
+            self.opt_g.zero_grad(set_to_none=True)
+            total.float().backward()
+            self.opt_g.step()
+        self.dis.requires_grad_(True)
+        self._last = (xs[:6], xt[:6], xt_masked[:6], context_mask[:6].detach(), xg[:6].detach())
+        return dict(d_loss=d_loss.item(), total=total.item(), l_adv=l_adv.item(), l_cam=l_cam.item(),
+                    l_id=l_id.item(), l_con=l_con.item(), context_mask_mean=context_mask.mean().item(),
+                    g_updates=g_updates)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        log = RunLog(out / "metrics.jsonl", resume_step=self.resumed_from)
+        if not self.cam_trained:
+            self.pretrain_camera_classifier(log)
+        self.d_cam.eval().requires_grad_(False)  # a fixed judge of camera style from here on
+        total = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
+        last = out / "checkpoints" / "last.pt"
+        datasets = (self.source, self.target)
+        batches = endless_batches(
+            lambda sampler: epoch_loader(datasets[self.samplers.index(sampler)], sampler, cfg.workers, self.device),
+            self.samplers, self.step)
+        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="it", dynamic_ncols=True)
+        self.gen.train()
+        self.dis.train()
+        while self.step < total:
+            factor = constant_then_linear_factor(self.step, cfg.iterations)
+            set_lr(self.opt_g, factor)
+            set_lr(self.opt_d, factor)
+            logs = self.train_step(*next(batches))
+            self.step += 1
+            bar.update(1)
+            if logs:
+                log.write(step=self.step, lr_factor=factor, **logs)
+                bar.set_postfix(con=f"{logs['l_con']:.3f}", id=f"{logs['l_id']:.2f}", d=f"{logs['d_loss']:.2f}")
+            if cfg.grid_every and self.step % cfg.grid_every == 0:
+                self.write_grid()
+            if self.step % cfg.checkpoint_every == 0 or self.step == total:
+                self.save(last)
+        bar.close()
+        log.close()
+        plot_metrics(out / "metrics.jsonl", out / "metrics.png",
+                     ["l_con", "l_id", "l_cam", "l_adv", "d_loss", "context_mask_mean"],
+                     title=f"train-crgan {cfg.source} → {cfg.target}")
+        self.write_grid()
+        return last
+
+    def save(self, path: Path) -> None:
+        payload = {
+            "model_config": config_to_dict(self.cfg.model), "train_config": config_to_dict(self.cfg),
+            "label_map": self.label_map.to_list(), "cameras": self.cameras,
+            "models": {"gen": self.gen.state_dict(), "dis": self.dis.state_dict(), "d_cam": self.d_cam.state_dict()},
+            "optimizers": {"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict()},
+            "step": self.step, "rng": rng_state(),
+        }
+        save_checkpoint(path, "crgan", payload)
+        if self.cfg.keep_checkpoints:
+            save_checkpoint(path.with_name(f"step_{self.step:07d}.pt"), "crgan", payload)
+
+    def write_grid(self) -> None:
+        """Rows: source, target, masked target, context mask, rendering."""
+        if not getattr(self, "_last", None):
+            return
+        xs, xt, xtm, cmask, xg = self._last
+        mask_img = normalize(cmask)  # the mask as a grey picture
+        grid_dir = self.out / "grids"
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        rows = [list(xs), list(xt), list(xtm), list(mask_img), list(xg)]
+        image_grid(rows).save(grid_dir / f"step_{self.step:07d}.png")
+
+
+def train_crgan(cfg: CRGANTrainConfig | None, out: str | Path, resume: str | Path | None = None,
+                progress: bool = True) -> Path:
+    return CRGANTrainer(cfg, out, resume, progress).run()
