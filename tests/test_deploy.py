@@ -1,0 +1,483 @@
+"""The deployment files, checked here without a Docker engine.
+
+- docker-compose.yml is valid against the Compose specification's JSON schema (a copy kept in
+  docker/, see docker/README.md), and has the services, health conditions and volumes of the lab
+  deployment;
+- every command a service runs exists: `reidgen` commands parse with the CLI's own parser, the
+  Celery app Flower is pointed at imports;
+- the build context holds what the Dockerfile copies, and .dockerignore excludes none of it;
+- the environment: each service sets the variables its code reads whose defaults are wrong in a
+  container, every REIDGEN_*/REDIS_* variable set is read by the code (no dead settings), and
+  .env.example documents exactly the ${...} variables of docker-compose.yml;
+- the api, listening on all interfaces, requires an API key.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.util
+import inspect
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from generator_service.serve import _is_loopback
+from reidgen.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+SCHEMA_FILE = REPO / "docker" / "compose-spec.schema.json"
+PACKAGES = ("reidgen", "api_schemas", "generator_service", "worker", "trainer")
+
+# Variables whose default is wrong inside a container, so a service whose code reads them must
+# set them: each default points at the developer's checkout or at this machine.
+CONTAINER_REQUIRED = {
+    "REDIS_URL": "defaults to redis://127.0.0.1:6379/0; the broker is the `redis` service",
+    "REIDGEN_DATA": "defaults to ../shared/data beside the checkout; the data volume is /data",
+    "REIDGEN_MASK_MODEL": "defaults to ../shared/models beside the checkout; the models are at /mask-models",
+}
+# Commands run with `docker compose run trainer COMMAND ...` (the trainer's one-off uses).
+TRAINER_COMMANDS = ("train-reid", "train-dgnet", "train-crgan", "masks", "evaluate", "swap-grid")
+
+
+# -- reading the files ---------------------------------------------------------------------------
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(text: str) -> str:
+    """Compose's ${VAR:-default} with no .env: each variable becomes its default (or empty)."""
+    def default(m: re.Match) -> str:
+        return m.group(3) if m.group(2) in (":-", "-") else ""
+    return _VAR.sub(default, text.replace("$$", "\0")).replace("\0", "$")
+
+
+def compose() -> dict:
+    return yaml.safe_load(interpolate(COMPOSE_FILE.read_text()))
+
+
+def as_list(command) -> list[str]:
+    """A Compose command or entrypoint (a list, or a string split like a shell would)."""
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the ["KEY=value"] form
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def dockerfile_stages(path: Path) -> dict[str, dict]:
+    """Per build stage: its base, ENV, ENTRYPOINT, CMD (inherited from a stage it builds FROM),
+    the sources of its COPY instructions (not --from) and its RUN lines."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    stages: dict[str, dict] = {}
+    stage: dict | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, rest = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            words = rest.split()
+            base = stages.get(words[0], {"env": {}, "entrypoint": None, "cmd": None})
+            stage = {"base": words[0], "env": dict(base["env"]), "entrypoint": base["entrypoint"],
+                     "cmd": base["cmd"], "copy": [], "run": []}
+            stages[words[2] if len(words) > 2 and words[1].upper() == "AS" else str(len(stages))] = stage
+        elif instruction == "ENV":
+            if "=" in rest.split()[0]:
+                stage["env"].update(w.split("=", 1) for w in shlex.split(rest))
+            else:  # the old `ENV KEY value` form
+                key, _, value = rest.partition(" ")
+                stage["env"][key] = value.strip()
+        elif instruction == "COPY":
+            words = [w for w in shlex.split(rest) if not w.startswith("--")]
+            if not any(w.startswith("--from") for w in rest.split()):
+                stage["copy"].extend(words[:-1])
+        elif instruction == "RUN":
+            stage["run"].append(rest)
+        elif instruction in ("ENTRYPOINT", "CMD"):
+            value = json.loads(rest) if rest.startswith("[") else ["/bin/sh", "-c", rest]
+            if instruction == "ENTRYPOINT":
+                stage["entrypoint"], stage["cmd"] = value, None  # Docker resets CMD with ENTRYPOINT
+            else:
+                stage["cmd"] = value
+    return stages
+
+
+def built_services() -> dict[str, tuple[dict, dict]]:
+    """Services built from this repository: name → (service, its Dockerfile stage)."""
+    out = {}
+    for name, svc in compose()["services"].items():
+        if "build" in svc:
+            build = svc["build"]
+            stages = dockerfile_stages(REPO / build["context"] / build.get("dockerfile", "Dockerfile"))
+            out[name] = (svc, stages[build.get("target", list(stages)[-1])])
+    return out
+
+
+def effective_argv(svc: dict, stage: dict) -> list[str]:
+    entrypoint = as_list(svc["entrypoint"]) if "entrypoint" in svc else stage["entrypoint"]
+    command = as_list(svc["command"]) if "command" in svc else (stage["cmd"] or [])
+    return list(entrypoint or []) + command
+
+
+def parse_reidgen(args: list[str]):
+    """Parse a `reidgen` command line with the CLI's parser; a parse error fails the test."""
+    try:
+        return build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"`reidgen {' '.join(args)}` does not parse with reidgen.cli.build_parser() (see stderr)")
+
+
+# -- the Compose specification ------------------------------------------------------------------
+def schema_errors(document: dict) -> list[str]:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    # The file declares draft 2019-09 under a URL jsonschema does not know ("http://...#").
+    validator = jsonschema.Draft201909Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+            for e in validator.iter_errors(document)]
+
+
+def test_compose_file_is_valid_against_the_compose_spec_schema():
+    assert schema_errors(compose()) == []
+
+
+def test_the_schema_check_rejects_a_broken_file():
+    """The validation is not vacuous: a misspelt key and a wrong type are caught."""
+    doc = compose()
+    doc["services"]["api"]["comand"] = ["serve"]
+    doc["services"]["worker"]["deploy"] = "gpu"
+    errors = schema_errors(doc)
+    assert any("comand" in e for e in errors) and any(e.startswith("services/worker/deploy") for e in errors)
+
+
+def test_services_health_conditions_and_volumes():
+    services = compose()["services"]
+    assert {"redis", "api", "worker", "trainer", "flower"} <= set(services)
+    assert services["trainer"]["profiles"] == ["trainer"] and services["flower"]["profiles"] == ["flower"]
+    assert services["redis"]["healthcheck"]["test"]
+    # Everything that talks to Redis waits until it answers, not merely until it started.
+    for name in ("api", "worker", "flower"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+    for name in ("api", "worker", "trainer"):  # GPU reservations
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] for d in devices), name
+    assert "replicas" not in services["worker"].get("deploy", {})  # `--scale worker=N` decides
+    assert "container_name" not in services["worker"]              # (a fixed name cannot scale)
+    mounts = {name: {v.split(":")[1]: v for v in svc.get("volumes", [])} for name, svc in services.items()}
+    for target in ("/data", "/models", "/runs", "/shards"):
+        assert any(target in m for m in mounts.values()), f"no service mounts {target}"
+    for name, m in mounts.items():
+        if "/data" in m and name != "redis":
+            assert m["/data"].endswith(":ro"), f"{name} must mount the data read-only (research licence)"
+    # Workers write shards; the api writes a job's job.json; both see the same paths.
+    for name in ("api", "worker"):
+        assert mounts[name]["/shards"].count(":") == 1, f"{name} must mount /shards writable"
+        assert set(mounts[name]) >= {"/data", "/models", "/runs", "/shards"}, name
+
+
+def test_api_healthcheck_probes_healthz_on_the_port_it_serves():
+    svc, stage = built_services()["api"]
+    args = parse_reidgen(effective_argv(svc, stage)[1:])
+    probe = " ".join(svc["healthcheck"]["test"])
+    assert f"127.0.0.1:{args.port}/v1/healthz" in probe
+    assert any(p.endswith(f":{args.port}") for p in svc["ports"])
+    assert "curl" not in probe and "wget" not in probe  # the image is not known to have them; python it has
+
+
+# -- commands exist ------------------------------------------------------------------------------
+def test_every_reidgen_command_of_every_service_parses():
+    seen = set()
+    for name, (svc, stage) in built_services().items():
+        argv = effective_argv(svc, stage)
+        if argv[0] != "reidgen":
+            continue
+        args = parse_reidgen(argv[1:])
+        assert callable(args.func), name
+        seen.add(args.command)
+    assert {"serve", "worker", "train-reid"} <= seen
+
+
+def test_trainer_one_off_commands_exist():
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert set(TRAINER_COMMANDS) <= set(choices)
+
+
+def test_a_missing_subcommand_fails_the_check():
+    with pytest.raises(pytest.fail.Exception):
+        parse_reidgen(["no-such-command", "--models", "/models"])
+
+
+def test_flower_runs_this_projects_celery_app():
+    svc, stage = built_services()["flower"]
+    argv = effective_argv(svc, stage)
+    assert argv[0] == "celery" and "flower" in argv
+    module = argv[argv.index("--app") + 1]
+    from celery import Celery
+
+    assert isinstance(importlib.import_module(module).app, Celery)
+    assert any("flower" in run for run in stage["run"])  # installed in the image it runs in
+
+
+# -- the build context ---------------------------------------------------------------------------
+def dockerignore_patterns(context: Path) -> list[tuple[bool, re.Pattern]]:
+    """(negated, regex) per .dockerignore line, with Docker's ** and path-wise * and ?."""
+    rules = []
+    path = context / ".dockerignore"
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        regex = ""
+        for token in re.split(r"(\*\*/|\*\*|\*|\?)", pattern):
+            regex += {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(token, re.escape(token))
+        rules.append((negated, re.compile(regex)))
+    return rules
+
+
+def ignored(rel: str, rules) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders decides."""
+    parts = rel.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    result = False
+    for negated, regex in rules:
+        if any(regex.fullmatch(c) for c in candidates):
+            result = not negated
+    return result
+
+
+def test_build_context_holds_what_the_dockerfile_copies():
+    checked = 0
+    for name, (svc, stage) in built_services().items():
+        context = (REPO / svc["build"]["context"]).resolve()
+        rules = dockerignore_patterns(context)
+        for source in stage["copy"]:
+            path = context / source
+            assert path.exists(), f"{name}: COPY {source}: not in the build context {context}"
+            files = [path] if path.is_file() else [p for p in path.rglob("*.py")]
+            assert files, f"{name}: COPY {source} copies no Python file"
+            for f in files:
+                rel = f.relative_to(context).as_posix()
+                assert not ignored(rel, rules), f"{name}: {rel} is copied but .dockerignore excludes it"
+                checked += 1
+    assert checked > 20
+
+
+def test_image_installs_every_package_of_the_distribution():
+    _, stage = built_services()["api"]
+    includes = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.rstrip("*") for p in includes}
+    assert packages == set(PACKAGES)
+    assert packages <= {s.strip("./") for s in stage["copy"]}
+    assert {"pyproject.toml", "README.md"} <= set(stage["copy"])  # pyproject names README.md as readme
+
+
+def test_dockerignore_keeps_data_and_environments_out():
+    rules = dockerignore_patterns(REPO)
+    for rel in (".venv/bin/python", ".git/HEAD", "runs/demo/checkpoints/last.pt", "data/market1501/x.jpg",
+                "shards/job/shard-00000/data.mdb", "secrets/api_key", ".env", "worker/__pycache__/x.pyc"):
+        assert ignored(rel, rules), rel
+    assert not ignored("generator_service/engine.py", rules)
+
+
+# -- environment variables -----------------------------------------------------------------------
+def _env_name(node: ast.AST, constants: dict[str, str]) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name):
+        return constants.get(node.id)
+    return None
+
+
+def _is_environ(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ" and \
+        isinstance(node.value, ast.Name) and node.value.id == "os"
+
+
+def env_reads(tree: ast.Module) -> set[str]:
+    """Names read with os.environ.get(X), os.getenv(X), os.environ[X] or `X in os.environ`, where X
+    is a literal or a module-level constant (API_KEY_ENV = "REIDGEN_API_KEY"). Writes do not count."""
+    constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                 and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+                 for t in n.targets if isinstance(t, ast.Name)}
+    names = set()
+    for node in ast.walk(tree):
+        arg = None
+        if isinstance(node, ast.Call) and node.args:
+            f = node.func
+            if isinstance(f, ast.Attribute) and ((f.attr == "get" and _is_environ(f.value)) or
+                                                 (f.attr == "getenv" and isinstance(f.value, ast.Name)
+                                                  and f.value.id == "os")):
+                arg = node.args[0]
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and _is_environ(node.value):
+            arg = node.slice
+        elif isinstance(node, ast.Compare) and any(_is_environ(c) for c in node.comparators):
+            arg = node.left
+        if arg is not None and (name := _env_name(arg, constants)):
+            names.add(name)
+    return names
+
+
+@functools.cache
+def module_file(name: str) -> Path | None:
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def module_imports(name: str, tree: ast.Module) -> set[str]:
+    """Project modules a module imports anywhere (function-level imports too, conservatively),
+    and modules named in strings (Celery's include=["worker.tasks"] loads them by name)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module if node.level == 0 else \
+                ".".join(name.split(".")[:-node.level] + [node.module])
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", node.value):
+            found.add(node.value)
+    return {m for m in found if module_file(m) is not None}
+
+
+def env_read_by(modules: set[str]) -> set[str]:
+    """Variables read by ``modules`` and every project module they import, transitively."""
+    todo, seen, names = list(modules), set(), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or (path := module_file(name)) is None:
+            continue
+        seen.add(name)
+        reads, imports = module_facts(name, path)
+        names |= reads
+        todo.extend(imports)
+    return names
+
+
+@functools.cache
+def module_facts(name: str, path: Path) -> tuple[frozenset[str], frozenset[str]]:
+    """(variables read, project modules imported) of one module, parsed once per test run."""
+    tree = ast.parse(path.read_text())
+    return frozenset(env_reads(tree)), frozenset(module_imports(name, tree))
+
+
+def command_modules(command: str) -> set[str]:
+    """The modules a `reidgen COMMAND` loads: those imported by its cmd_* function."""
+    func = build_parser()._subparsers._group_actions[0].choices[command].get_default("func")
+    return module_imports("reidgen.cli", ast.parse(inspect.getsource(func)))
+
+
+def all_code_env_reads() -> set[str]:
+    names = set()
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            names |= env_reads(ast.parse(path.read_text()))
+    return names
+
+
+def test_env_scan_finds_the_variables_the_code_reads():
+    """The scanner sees the reads this file relies on (a renamed variable fails here)."""
+    assert set(CONTAINER_REQUIRED) | {"REIDGEN_API_KEY"} <= all_code_env_reads()
+    assert "REDIS_URL" in env_read_by(command_modules("worker"))  # worker → its Celery app
+    assert "REIDGEN_DATA" in env_read_by(command_modules("train-reid"))
+
+
+def test_each_service_sets_the_variables_its_code_needs():
+    for name, (svc, stage) in built_services().items():
+        argv = effective_argv(svc, stage)
+        if argv[0] != "reidgen":
+            continue
+        commands = {parse_reidgen(argv[1:]).command} | (set(TRAINER_COMMANDS) if name == "trainer" else set())
+        container_env = {**stage["env"], **environment(svc)}
+        for command in commands:
+            needed = env_read_by(command_modules(command)) & set(CONTAINER_REQUIRED)
+            missing = needed - set(container_env)
+            assert not missing, f"{name} (`reidgen {command}`) does not set " + \
+                "; ".join(f"{v} ({CONTAINER_REQUIRED[v]})" for v in sorted(missing))
+
+
+def test_no_dead_settings():
+    """Every REIDGEN_*/REDIS_* variable the deployment sets is read by the code."""
+    read = all_code_env_reads()
+    for name, (svc, stage) in built_services().items():
+        for var in {**stage["env"], **environment(svc)}:
+            if var.startswith(("REIDGEN_", "REDIS_")):
+                assert var in read, f"{name} sets {var}, which no code reads"
+
+
+def test_env_example_documents_the_compose_variables():
+    """.env.example holds exactly the ${...} variables of docker-compose.yml, with its defaults."""
+    used = {m.group(1): m.group(3) for m in _VAR.finditer(COMPOSE_FILE.read_text())}
+    example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                   if line.strip() and not line.startswith("#"))
+    assert set(example) == set(used)
+    assert example == {k: used[k] for k in example}
+
+
+# -- the API key ---------------------------------------------------------------------------------
+def test_api_on_all_interfaces_requires_an_api_key():
+    """`reidgen serve` only warns about a non-loopback host without a key; the deployment must
+    not rely on that: the api reads its key from a secret file (it stops if the file is missing
+    or empty) or sets REIDGEN_API_KEY."""
+    doc = compose()
+    svc, stage = built_services()["api"]
+    args = parse_reidgen(effective_argv(svc, stage)[1:])
+    assert args.command == "serve" and not _is_loopback(args.host)
+    if args.api_key_file is None:
+        assert environment(svc).get("REIDGEN_API_KEY"), "the api has no API key"
+        return
+    secret = Path(args.api_key_file)
+    assert secret.parent == Path("/run/secrets"), "--api-key-file must be a mounted secret"
+    assert secret.name in svc["secrets"] and "file" in doc["secrets"][secret.name]
+
+
+# -- the image's health probe --------------------------------------------------------------------
+def test_image_healthcheck_probes_what_the_command_serves():
+    """docker/healthcheck.py: `serve` is healthy while GET /v1/healthz answers on its port; a
+    one-off command (training) is healthy while it runs. Probed against a stand-in server."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    spec = importlib.util.spec_from_file_location("healthcheck", REPO / "docker" / "healthcheck.py")
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+
+    class Healthz(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/v1/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    port = server.server_address[1]
+    serve = ["serve", "--models", "/models", "--host", "0.0.0.0", "--port", str(port)]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert healthcheck.probe(serve) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert healthcheck.probe(serve) == 1  # nothing listens any more
+    assert healthcheck.probe(["train-reid", "--data", "market1501", "--out", "/runs/teacher"]) == 0
