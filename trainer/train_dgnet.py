@@ -38,7 +38,7 @@ from generator_service.device import autocast, pick_device
 from generator_service.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
 from generator_service.dgnet_nets import to_grey
 from generator_service.images import UnreadableImages, image_grid
-from generator_service.reid_model import ReidModelConfig, ReidNet
+from generator_service.teacher import Teacher
 from reidgen.config import config_from_dict, config_to_dict, from_preset
 from reidgen.errors import ReidgenError
 from reidgen.market import LabelMap, scan_split
@@ -92,6 +92,11 @@ class DGNetTrainConfig:
     feed_start: float = 0.3           # fraction of the run before L_prim/L_fine start
     ramp: float = 0.04                # fraction of the run over which λ_prim ramps 0 → prim_max
     ramp_code_loss: bool = False      # reference code: L_code also ramps in from feed_start
+    # L_id^c ramps in from feed_start too (paper and reference: on from the start). Measured on CPU
+    # with EfficientNet-Lite0 as E_a: its identity gradient through E_a swamps G's reconstruction
+    # gradient, and L_img1 stays flat; ramped in, G first learns to reconstruct. The small preset
+    # turns it on.
+    ramp_id_cross: bool = False
     weights: LossWeights = field(default_factory=LossWeights)
     erasing_p: float = 0.5            # random erasing on the copies fed to the classifier only
     pad: int = 10
@@ -108,7 +113,7 @@ class DGNetTrainConfig:
 
 DGNET_TRAIN_PRESETS = {
     "paper": DGNetTrainConfig(model=DGNET_PRESETS["paper"], iterations=100_000, batch_size=8),
-    "small": DGNetTrainConfig(model=DGNET_PRESETS["small"], iterations=2000, batch_size=8),
+    "small": DGNetTrainConfig(model=DGNET_PRESETS["small"], iterations=2000, batch_size=8, ramp_id_cross=True),
 }
 
 
@@ -138,26 +143,6 @@ class PairDataset(Dataset):
         x, y, _, ok = self.images[(index, seed)]
         xp, _, _, ok_p = self.images[(j, seed + 1)]
         return x, y, xp, ok and ok_p, index
-
-
-class Teacher:
-    """Frozen baseline classifier giving soft labels: mean softmax of the image and its mirror."""
-
-    def __init__(self, path: str, label_map: LabelMap, device: torch.device):
-        ckpt = load_checkpoint(path, "reid")
-        LabelMap(tuple(ckpt["label_map"])).require_same(label_map, f"teacher {path} vs the training data")
-        config = config_from_dict(ReidModelConfig, ckpt["model_config"])
-        self.net = ReidNet(config, len(label_map))
-        load_state(self.net, ckpt["model"], f"teacher {path}")
-        self.net.to(device).eval().requires_grad_(False)
-        self.image_size = config.image_size
-
-    @torch.no_grad()
-    def soft_labels(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
-        p = F.softmax(self.net(x)[0].float(), 1) + F.softmax(self.net(torch.flip(x, dims=[3]))[0].float(), 1)
-        return p / 2
 
 
 @contextlib.contextmanager
@@ -268,6 +253,7 @@ class DGNetTrainer:
         ramp = ramp_weight(self.step, cfg) if cfg.feed else 0.0
         lam_prim, lam_fine = w.prim_max * ramp, w.prim_max * ramp * w.fine_ratio
         lam_code = w.code * (ramp_weight(self.step, cfg) if cfg.ramp_code_loss else 1.0)
+        lam_id_cross = w.id_cross * (ramp_weight(self.step, cfg) if cfg.ramp_id_cross else 1.0)
         lam_cycle = w.cycle_max * ramp_weight(self.step, cfg)
         logs: dict[str, float] = {}
 
@@ -319,7 +305,7 @@ class DGNetTrainer:
             _, (logits_real, _), _ = net.ea(real_all)
             l_id_self = F.cross_entropy(logits_real.float(), torch.cat([labels, labels]))
 
-            total = (w.img * (l_img1 + l_img2) + lam_code * l_code + w.id_cross * l_id_cross
+            total = (w.img * (l_img1 + l_img2) + lam_code * l_code + lam_id_cross * l_id_cross
                      + w.adv * l_adv + w.id_self * l_id_self)
             if lam_prim > 0:
                 q = self.teacher.soft_labels(x_cross.detach())
@@ -344,7 +330,7 @@ class DGNetTrainer:
         acc = (logits_real[:2 * n].argmax(1) == labels).float().mean().item()
         logs.update(total=total.item(), l_img1=l_img1.item(), l_img2=l_img2.item(), l_code=l_code.item(),
                     l_id_cross=l_id_cross.item(), l_adv=l_adv.item(), l_id_self=l_id_self.item(),
-                    acc_real=acc, lam_prim=lam_prim, lam_fine=lam_fine)
+                    acc_real=acc, lam_prim=lam_prim, lam_fine=lam_fine, lam_id_cross=lam_id_cross)
         self._last_images = (xa[:4], xb[:4], x_self[:4], x_pos[:4], x_cross[n:n + 4], x_cross[:4])
         return logs
 
