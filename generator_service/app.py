@@ -21,10 +21,11 @@ import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from fastapi import FastAPI, Header, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -42,6 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api_schemas.jobs import JobRequest, JobStatus
 from api_schemas.service import (
     ErrorBody,
     ErrorDetail,
@@ -160,6 +162,8 @@ class Metrics:
 def _endpoint(request_or_scope: Any, known: frozenset[str]) -> str:
     """The metrics label of a path: a known endpoint, or 'other' (bounded label cardinality)."""
     path = request_or_scope["path"] if isinstance(request_or_scope, dict) else request_or_scope.url.path
+    if path.startswith("/v1/jobs/") and "/v1/jobs/{job_id}" in known:
+        return "/v1/jobs/{job_id}"
     return path if path in known else "other"
 
 
@@ -287,7 +291,7 @@ def _png_b64(picture) -> str:
 _ERROR_TEXT = {
     400: "bad input: invalid base64, an undecodable image, a malformed form",
     401: "missing or wrong API key",
-    404: "unknown model",
+    404: "unknown model or job",
     413: "too large: body bytes, images per request, generated images or pixels per image",
     415: "unsupported content type",
     422: "invalid request body or parameters",
@@ -310,7 +314,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _GENERATE_ERRORS = (400, 401, 404, 413, 415, 422, 500, 503, 504)
 _IMAGE_CONTENT = {"image/png": {"schema": {"type": "string", "format": "binary"}},
                   "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
-_REQUEST_MODELS = (SwapRequest, SwapForm, RenderRequest, InterpolateRequest)
+_REQUEST_MODELS = (SwapRequest, SwapForm, RenderRequest, InterpolateRequest, JobRequest)
 
 
 def _request_body(json_model: type[BaseModel], form_model: type[BaseModel] | None = None) -> dict:
@@ -341,8 +345,23 @@ def _openapi(app: FastAPI, settings: Settings) -> dict:
 
 
 # -- the app ------------------------------------------------------------------------------------
-def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``. Its lifespan starts the engine's batcher, warms the
+class JobsBackend(Protocol):
+    """Where ``/v1/jobs`` sends batch jobs: `worker.jobs.CeleryJobs` (Celery over Redis). Passed in
+    by whoever builds the app, so this package does not import the workers."""
+
+    def submit(self, request: JobRequest) -> str: ...
+
+    def status(self, job_id: str) -> JobStatus: ...  # LookupError for an unknown id
+
+    def cancel(self, job_id: str) -> JobStatus: ...
+
+
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBackend | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (and ``/v1/jobs`` through ``jobs``, when given). Its
+    lifespan starts the engine's batcher, warms the
     models up in the background (``/v1/readyz`` says when done) and stops the batcher at exit."""
     settings = settings or Settings()
     service = Service(engine, settings)
@@ -457,6 +476,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                                        height=h, images=[_png_b64(to_pil(t)) for t in out])
         return JSONResponse((await run_in_threadpool(encode)).model_dump())
 
+    if jobs is not None:
+        _add_job_routes(app, jobs)
+
     @app.get("/v1/models", response_model=ModelsResponse, tags=["service"], responses=_errors(401, 500))
     async def models() -> ModelsResponse:
         """The loaded models (with checkpoint identities), known presets, engine settings and limits."""
@@ -495,6 +517,40 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app, metrics, known)
     app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics, known=known)
     return app
+
+
+def _add_job_routes(app: FastAPI, jobs: JobsBackend) -> None:
+    """``/v1/jobs``: only on a server given a jobs backend (without one the paths do not exist)."""
+    async def job_call(fn, *args) -> JobStatus:
+        try:
+            return await run_in_threadpool(fn, *args)
+        except LookupError as exc:
+            raise ApiError(404, "unknown_job", str(exc).strip("'\"")) from None
+
+    job_id_param = PathParam(pattern=JOB_ID_PATTERN, description="the id POST /v1/jobs returned")
+
+    @app.post("/v1/jobs", response_model=JobStatus, status_code=202, tags=["jobs"],
+              responses=_errors(400, 401, 415, 422, 500), openapi_extra=_request_body(JobRequest))
+    async def submit_job(request: Request) -> JSONResponse:
+        """Submit a batch generation job (one Celery task per shard); its progress is at GET /v1/jobs/{id}.
+        Paths in the spec and ``out`` are as the workers see them."""
+        _require_json(_media_type(request), "/v1/jobs")
+        req = await run_in_threadpool(_validate, JobRequest, await request.body(), True)
+        job_id = await run_in_threadpool(jobs.submit, req)  # plans the job: a bad spec fails here (400)
+        status = await job_call(jobs.status, job_id)
+        return JSONResponse(status.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"], responses=_errors(401, 404, 422, 500))
+    async def job_status(job_id: str = job_id_param) -> JobStatus:
+        """Progress of a job: shards done/total, records, images/s, errors."""
+        return await job_call(jobs.status, job_id)
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"],
+                responses=_errors(401, 404, 422, 500))
+    async def cancel_job(job_id: str = job_id_param) -> JobStatus:
+        """Cancel a job: pending shards are dropped, running ones stop at their next batch (finished
+        shards stay)."""
+        return await job_call(jobs.cancel, job_id)
 
 
 def _named(field: str, images: Sequence[str | bytes]) -> list[tuple[str, str | bytes]]:

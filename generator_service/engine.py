@@ -356,6 +356,22 @@ class Engine:
         return cls(models, dev, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, amp=amp,
                    timeout_s=timeout_s)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", *, max_batch: int = 4096,
+                        amp: bool = True, mask_provider: str | None = None) -> Engine:
+        """An engine serving one DG-Net or CR-GAN checkpoint (file or run folder): what the batch
+        workers and the online-feed trainer use. Its name is the file's stem or the run folder's."""
+        given = Path(checkpoint)
+        path = given / "checkpoints" / "last.pt" if given.is_dir() else given
+        if not path.is_file():
+            raise ReidgenError(f"checkpoint {checkpoint} not found")
+        name = given.name if given.is_dir() else given.stem
+        dev = pick_device(device)
+        model = load_model(name, path, path.parent, dev, mask_provider)
+        if model is None:
+            raise ReidgenError(f"{checkpoint} is a re-id model; a DG-Net or CR-GAN checkpoint is needed here")
+        return cls([model], dev, max_batch=max_batch, amp=amp)
+
     # -- registry ------------------------------------------------------------------------------
     def model_for(self, op: str, name: str | None = None) -> ServedModel:
         """The named model (or the default one) checked to be of the kind ``op`` needs."""

@@ -42,21 +42,22 @@ def _is_loopback(host: str) -> bool:
 
 def build_app(models_dir: str | Path, *, api_key: str | None = None, device: str = "auto", max_batch: int = 16,
               max_wait_ms: float = 5.0, queue_size: int = 64, batching: bool = True, mask_provider: str | None = None,
-              **limits):
+              jobs=None, **limits):
     """The app for a models directory; ``limits`` are `Settings` fields (max_body_bytes, max_images,
-    max_outputs, max_pixels, max_steps, request_timeout_s)."""
+    max_outputs, max_pixels, max_steps, request_timeout_s). ``jobs`` is the /v1/jobs backend (the
+    CLI passes the Celery one; this package does not import the workers)."""
     settings = Settings(api_key=api_key, batching=batching, **limits)
     engine = Engine.from_models_dir(models_dir, device, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                     queue_size=queue_size, timeout_s=settings.request_timeout_s,
                                     mask_provider=mask_provider)
-    return create_app(engine, settings)
+    return create_app(engine, settings, jobs=jobs)
 
 
 def serve(models_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key_file: str | Path | None = None,
           *, device: str = "auto", max_batch: int = 16, max_wait_ms: float = 5.0, queue_size: int = 64,
           batching: bool = True, max_body_bytes: int = 8 * 2**20, max_images: int = 16, max_outputs: int = 64,
           max_pixels: int = 1024 * 1024, max_steps: int = 16, request_timeout_s: float = 30.0,
-          mask_provider: str | None = None, log_level: str = "info") -> None:
+          mask_provider: str | None = None, jobs=None, log_level: str = "info") -> None:
     """Serve the DG-Net and CR-GAN checkpoints of ``models_dir`` on ``host:port`` until interrupted.
 
     Binds 127.0.0.1 unless told otherwise. The API key comes from ``api_key_file`` or
@@ -73,7 +74,7 @@ def serve(models_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, api
         log.warning("serving on %s without an API key: anyone who can reach this port can use the service "
                     "(set --api-key-file or %s)", host, API_KEY_ENV)
     app = build_app(models_dir, api_key=api_key, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                    queue_size=queue_size, batching=batching, mask_provider=mask_provider,
+                    queue_size=queue_size, batching=batching, mask_provider=mask_provider, jobs=jobs,
                     max_body_bytes=max_body_bytes, max_images=max_images, max_outputs=max_outputs,
                     max_pixels=max_pixels, max_steps=max_steps, request_timeout_s=request_timeout_s)
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False,

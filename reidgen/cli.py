@@ -18,7 +18,9 @@ Data sets are Market-1501 style folders (bounding_box_train/, query/, bounding_b
 
 
 def _add_reid_training_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="training data: a Market-style folder or a data set name (e.g. market1501_mini)")
+    p.add_argument("--data", "--real", dest="data",
+                   help="training data (the real images): a Market-style folder or a data set name (e.g. "
+                        "market1501_mini)")
     p.add_argument("--out", required=True, help="run folder for checkpoints, metrics.jsonl, metrics.png, eval.json")
     p.add_argument("--preset", default="small", choices=["paper", "small", "tiny"],
                    help="paper: ResNet-50 at 256×128, 60 epochs; small (default): ImageNet EfficientNet-Lite0 "
@@ -59,6 +61,16 @@ def _add_reid_training_args(p: argparse.ArgumentParser) -> None:
     x.add_argument("--online-render", metavar="CRGAN_CKPT",
                    help="train on source images rendered on the fly into random target contexts by CR-GAN")
     x.add_argument("--target", help="target data set whose contexts --online-render uses")
+    y = p.add_argument_group("real plus synthetic images (DG-Net's discriminative losses on generated images)")
+    y.add_argument("--shards", nargs="+", metavar="DIR",
+                   help="job folders of reidgen generate: each step adds synthetic images trained with KL to their "
+                        "stored soft labels (L_prim) and a fine-grained head's CE to the structure identity (L_fine)")
+    y.add_argument("--online-generator", metavar="DGNET_CKPT",
+                   help="instead of shards, generate the same kind of samples on the fly (appearance of each real "
+                        "image on another person's structure) with this DG-Net checkpoint and its teacher")
+    y.add_argument("--synthetic-ratio", type=float, help="synthetic images per real image in each batch (1.0)")
+    y.add_argument("--prim-weight", type=float, help="weight of L_prim (2.0, the paper's λ_prim)")
+    y.add_argument("--fine-weight", type=float, help="weight of L_fine (0.4 = 0.2·λ_prim)")
 
 
 def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
@@ -85,8 +97,11 @@ def cmd_train_reid(args: argparse.Namespace) -> int:
         fields = ["backbone", "pretrained", "last_stride", "image_size", "epochs", "batch_size", "sampler", "p",
                   "k", "lr", "backbone_lr_mult", "warmup_epochs", "milestones", "gamma", "erasing_p", "seed",
                   "workers", "max_steps", "checkpoint_every", "keep_checkpoints", "device", "amp",
-                  "strict_images", "evaluate", "init", "online_render"]
+                  "strict_images", "evaluate", "init", "online_render", "online_generator", "synthetic_ratio",
+                  "prim_weight", "fine_weight"]
         extra = {k: str(resolve_data(getattr(args, k))) for k in ("target", "eval_data") if getattr(args, k)}
+        if args.shards:
+            extra["shards"] = tuple(str(Path(d).resolve()) for d in args.shards)
         cfg = preset_config(args.preset, data=data, **_overrides(args, fields), **extra)
         last = train_reid(cfg, args.out)
         saved = config_to_dict(cfg)
@@ -123,7 +138,7 @@ def cmd_train_dgnet(args: argparse.Namespace) -> int:
         if not args.data or not args.teacher:
             raise ReidgenError("--data and --teacher are required (the teacher comes from reidgen train-reid)")
         fields = ["backbone", "pretrained", "iterations", "batch_size", "lr_ea", "lr_gen", "feed", "feed_start",
-                  "ramp", "ramp_code_loss", "detach_appearance_code", "cycle_max", "adv", "seed", "workers",
+                  "ramp", "ramp_code_loss", "ramp_id_cross", "detach_appearance_code", "cycle_max", "adv", "seed", "workers",
                   "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
                   "strict_images"]
         cfg = dgnet_preset_config(args.preset, data=str(resolve_data(args.data)), teacher=args.teacher,
@@ -219,9 +234,16 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
     from generator_service.serve import serve
 
-    serve(args.models, host=args.host, port=args.port, api_key_file=args.api_key_file, device=args.device,
+    jobs = None
+    if args.jobs if args.jobs is not None else bool(os.environ.get("REDIS_URL")):
+        from worker.jobs import CeleryJobs
+
+        jobs = CeleryJobs()
+    serve(args.models, jobs=jobs, host=args.host, port=args.port, api_key_file=args.api_key_file, device=args.device,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
           batching=not args.no_batching, max_images=args.max_images, max_pixels=args.max_pixels,
           request_timeout_s=args.timeout, mask_provider=args.masks)
@@ -230,19 +252,125 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from reidgen.paths import resolve_data
-    from trainer.evaluate import evaluate_checkpoint
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.demo import DemoConfig, run_demo
 
-    data = resolve_data(args.data)
-    out = Path(args.out)
-    print(f"[1/2] training a baseline re-id model (small preset) on {data} for {args.epochs} epochs")
-    cfg = preset_config("small", data=str(data), epochs=args.epochs, milestones=(max(1, args.epochs - 2),))
-    last = train_reid(cfg, out / "reid")
-    print("[2/2] evaluating on the query/gallery split")
-    report = evaluate_checkpoint(last, data)
-    (out / "reid" / "eval.json").write_text(report.model_dump_json(indent=2))
-    print(report.table())
-    print(f"run folder: {out}  (curves: {out / 'reid' / 'metrics.png'})")
+    try:
+        data = resolve_data(args.data)
+    except ReidgenError as exc:
+        raise ReidgenError(f"{exc}. The demo needs a Market-style data set: pass --data DIR "
+                           "(make demo DATA=DIR), or set REIDGEN_DATA to the folder holding market1501_mini") from None
+    run_demo(DemoConfig(data=str(data), out=args.out, epochs=args.epochs, dgnet_iterations=args.dgnet_iterations,
+                        records=args.records, device=args.device))
+    return 0
+
+
+def _load_spec(path: str):
+    from pydantic import ValidationError
+
+    from api_schemas.jobs import JobSpec
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ReidgenError(f"cannot read the job spec {path} ({exc.strerror})") from None
+    try:
+        return JobSpec.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "spec"
+        raise ReidgenError(f"job spec {path}: {where}: {first['msg']} ({exc.error_count()} problem(s))") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.spec)
+    if args.submit:
+        from api_schemas.jobs import JobRequest
+        from worker.jobs import submit_job
+
+        job_id = submit_job(JobRequest(spec=spec, out=str(Path(args.out).resolve())))
+        print(f"job {job_id} submitted ({args.out}); follow it with GET /v1/jobs/{job_id}")
+        return _follow(job_id) if args.follow else 0
+    from worker.run import run_job
+    from worker.shards import verify
+
+    results = run_job(spec, args.out, device=args.device, progress=not args.no_progress)
+    made = sum(r.records for r in results if r.status == "done")
+    failed = sum(r.failed for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    print(f"{len(results)} shard(s) in {args.out}: {made} records written, {skipped} shard(s) already done, "
+          f"{failed} record(s) failed")
+    report = verify(args.out)
+    print(report.summary().splitlines()[-1] if report.ok else report.summary())
+    return 0 if report.ok else 1
+
+
+def _follow(job_id: str) -> int:
+    """A progress bar over a submitted job's shards until it ends (Ctrl-C stops watching, not the job)."""
+    import time
+
+    from tqdm import tqdm
+
+    from worker.jobs import JobStore
+
+    store = JobStore()
+    status = store.status(job_id)
+    with tqdm(total=status.records_planned, unit="img", dynamic_ncols=True, desc=f"job {job_id[:8]}") as bar:
+        while True:
+            status = store.status(job_id)
+            bar.update(status.records_done + status.records_failed - bar.n)
+            bar.set_postfix(shards=f"{status.shards_done}/{status.shards_total}", state=status.state)
+            if status.state in ("done", "failed", "cancelled"):
+                break
+            time.sleep(1.0)
+    for error in status.errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 0 if status.state == "done" else 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    if args.device:
+        os.environ["REIDGEN_DEVICE"] = args.device
+    if args.threads:
+        os.environ["REIDGEN_TORCH_THREADS"] = str(args.threads)
+    if args.queue:
+        os.environ["REIDGEN_QUEUE"] = args.queue
+    from worker.celery_app import app, queue_name
+
+    argv = ["worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
+            "--queues", queue_name(), "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from worker.shards import ShardReader, contact_sheet, shard_paths, verify
+
+    if args.action == "verify":
+        report = verify(args.dir)
+        print(report.summary())
+        return 0 if report.ok else 1
+    paths = shard_paths(args.dir)
+    if not paths:
+        raise ReidgenError(f"no finished shards under {args.dir}")
+    total = 0
+    for path in paths:
+        m = ShardReader(path).manifest
+        total += m.record_count
+        print(f"{path.name}: {m.record_count} records, {len(m.failed)} failed, sha256 {m.shard_sha256[:16]}, "
+              f"plan {m.plan_hash}")
+    m = ShardReader(paths[0]).manifest
+    meta, _ = ShardReader(paths[0]).record(0) if m.record_count else ({}, b"")
+    print(f"{len(paths)} shard(s), {total} records; kind {m.spec.kind}, encoding {m.spec.encoding}, "
+          f"models {', '.join(f'{k} {v.identity}' for k, v in m.models.items())}")
+    if meta:
+        print(f"first record: {json.dumps(meta)}")
+    sheet = Path(args.sheet) if args.sheet else Path(args.dir) / "contact_sheet.png"
+    contact_sheet(args.dir, count=args.count).save(sheet)
+    print(f"contact sheet: {sheet}")
     return 0
 
 
@@ -299,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not feed generated images to E_a (the paper's 'w/o feed' ablation)")
     g.add_argument("--feed-start", type=float, help="fraction of the run before L_prim/L_fine start (0.3)")
     g.add_argument("--ramp", type=float, help="fraction of the run for λ_prim to ramp 0→2 (0.04)")
+    g.add_argument("--ramp-id-cross", dest="ramp_id_cross", action=argparse.BooleanOptionalAction, default=None,
+                   help="ramp L_id^c (identity of generated images) in from --feed-start (small preset: on, so G "
+                        "learns to reconstruct first; paper preset: off, on from the start)")
     g.add_argument("--ramp-code-loss", action="store_true", default=None,
                    help="reference code: ramp L_code in from --feed-start too")
     g.add_argument("--no-detach-appearance", dest="detach_appearance_code", action="store_false", default=None,
@@ -405,13 +536,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
     p.add_argument("--masks", choices=["pose", "selfie", "geometric"],
                    help="person masks of /v1/render's target images (default: what the CR-GAN was trained with)")
+    p.add_argument("--jobs", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve /v1/jobs, queueing batch generation on the Celery workers at $REDIS_URL "
+                        "(default: on when REDIS_URL is set)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="the main job, small and end to end on CPU",
-                       description="Train a baseline re-id model briefly on a small real data set and evaluate it.")
+    p = sub.add_parser("generate", help="batch generation into LMDB shards (in-process, or --submit to Celery)",
+                       description="Run a batch generation job: the job spec (JSON; see api_schemas/jobs.py JobSpec) "
+                                   "names the checkpoint, the data, the kind of generation, the seed, the shard size "
+                                   "and the encoding. By default every shard is made in this process, no broker "
+                                   "needed; finished shards are skipped, so an interrupted run continues where it "
+                                   "stopped. --submit sends the job to the Celery workers ($REDIS_URL) instead.")
+    p.add_argument("spec", help="job spec JSON file")
+    p.add_argument("--out", required=True, help="output folder (job.json and shard-NNNNN/ folders)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--submit", action="store_true", help="queue one Celery task per shard and return the job id")
+    p.add_argument("--follow", action="store_true", help="with --submit: show the job's progress until it ends")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("worker", help="a Celery worker making shards of queued jobs (Redis at $REDIS_URL)",
+                       description="Run a Celery worker for batch generation jobs. Each pool process loads its "
+                                   "model once, on its first shard. Run one worker per GPU (e.g. "
+                                   "CUDA_VISIBLE_DEVICES=1 reidgen worker). Broker: $REDIS_URL (default "
+                                   "redis://127.0.0.1:6379/0); keys are prefixed with $REIDGEN_REDIS_PREFIX.")
+    p.add_argument("--concurrency", type=int, default=1, help="pool processes (1 per GPU)")
+    p.add_argument("--queue", help="queue name (default $REIDGEN_QUEUE or reidgen-shards)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, help="torch threads per pool process")
+    p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("shards", help="verify or inspect generated shards",
+                       description="verify: check every record against the manifests' checksums and job.json "
+                                   "(missing shards, duplicates, corruption; exit 1 if anything is wrong). "
+                                   "inspect: per-shard counts and checksums, the first record's labels, and a "
+                                   "contact sheet PNG of records.")
+    p.add_argument("action", choices=["verify", "inspect"])
+    p.add_argument("dir", help="a job's output folder or one shard folder")
+    p.add_argument("--sheet", help="contact sheet PNG (default DIR/contact_sheet.png)")
+    p.add_argument("--count", type=int, default=32, help="records on the contact sheet")
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("demo", help="the main job, small and end to end on CPU (writes RUN/report.html)",
+                       description="The main job on the embedded default (no Redis, no Docker), about 15 minutes on "
+                                   "2 CPU cores with market1501_mini: train a teacher, train DG-Net, write a swap "
+                                   "grid, generate a shard job in-process, train a re-id model on real + synthetic "
+                                   "images, evaluate all three and write a self-contained HTML report. Finished "
+                                   "stages are reused when run again.")
     p.add_argument("--data", default="market1501_mini", help="data set folder or name (default market1501_mini)")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=4, help="epochs of the two re-id models (default 4)")
+    p.add_argument("--dgnet-iterations", type=int, default=150, help="DG-Net iterations (default 150)")
+    p.add_argument("--records", type=int, default=512, help="synthetic images in the shard job (default 512)")
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
     return parser
 

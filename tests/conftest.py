@@ -39,3 +39,25 @@ def make_market_subset(src: Path, dst: Path, ids: int, per_split: dict[str, int]
             if f.name.split("_")[0] in keep:
                 (dst / split / f.name).symlink_to(f)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
+    """A real DG-Net checkpoint and its teacher from a few iterations on 4 identities of
+    market1501_mini (the batch-generation tests need real checkpoints, not good ones)."""
+    import torch
+
+    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+    from trainer.train_reid import preset_config, train_reid
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny_dgnet")
+    data = make_market_subset(market_mini, root / "data", ids=4)
+    teacher = train_reid(preset_config("tiny", data=str(data), epochs=1, workers=0, evaluate=False),
+                         root / "teacher", progress=False)
+    dgnet = train_dgnet(dgnet_preset_config("small", data=str(data), teacher=str(teacher), backbone="small_cnn",
+                                            pretrained="none", workers=0, batch_size=4, grid_every=0, amp=False,
+                                            iterations=2, checkpoint_every=10_000), root / "dgnet", progress=False)
+    torch.set_num_threads(threads)
+    return {"root": root, "data": data, "teacher": teacher, "dgnet": dgnet}

@@ -1,0 +1,150 @@
+"""Batch generation: the job spec, shard manifests, record labels and job status.
+
+A job spec says everything that decides the records of a job (model, data, kind of
+generation, seed, shard size, encoding): the plan is a pure function of it and of the data
+folders, so the same spec always gives the same records, wherever it runs (`reidgen generate`
+in-process, a Celery worker, many of them). Where the shards go (``out``) is not part of it.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JobKind = Literal["dgnet_all_pairs", "dgnet_random_structures", "crgan_render"]
+Split = Literal["train", "query", "gallery"]
+SHARD_FORMAT, SHARD_VERSION = "reidgen-shard", 1
+
+
+class _Strict(BaseModel):
+    # A misspelt option must fail, not be silently ignored (it would change the plan).
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobSpec(_Strict):
+    """What to generate. Paths are as the workers see them (a shared volume in a deployment)."""
+
+    kind: JobKind = Field(description="dgnet_all_pairs: every appearance × structure pair of the subset; "
+                                      "dgnet_random_structures: K random structures per image; "
+                                      "crgan_render: sources rendered into target contexts")
+    checkpoint: str = Field(min_length=1, description="DG-Net or CR-GAN checkpoint file or run folder")
+    teacher: str | None = Field(None, description="re-id checkpoint giving the soft labels; default: the teacher "
+                                                  "(DG-Net) or identity model (CR-GAN) the generator was trained with")
+    soft_labels: bool = Field(True, description="store the teacher's top-k soft label with every record")
+    top_k: int = Field(10, ge=1, le=4096, description="classes kept of each soft label (renormalised to sum 1)")
+    data: str = Field(min_length=1, description="source data set: a Market-style folder or a name under REIDGEN_DATA")
+    split: Split = "train"
+    subset: int | None = Field(None, ge=1, description="use this many source images, drawn with the seed; "
+                                                        "default: all")
+    structures_per_image: int = Field(4, ge=1, le=1024, description="K for dgnet_random_structures")
+    cross_identity: bool = Field(True, description="only pairs whose two images show different people")
+    target: str | None = Field(None, description="target data set (crgan_render)")
+    target_split: Split = "train"
+    targets_per_source: int | None = Field(1, ge=1, description="crgan_render: random target contexts per source; "
+                                                                "null: every target (source × target)")
+    seed: int = Field(0, ge=0, lt=2**63)
+    shard_size: int = Field(256, ge=1, le=1_000_000, description="records per shard")
+    batch_size: int = Field(16, ge=1, le=4096, description="images per device batch")
+    encoding: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> "JobSpec":
+        if self.kind == "crgan_render" and not self.target:
+            raise ValueError("kind crgan_render needs a target data set (target)")
+        if self.kind != "crgan_render" and self.target:
+            raise ValueError(f"target is only used by crgan_render, not {self.kind}")
+        return self
+
+
+class SourceRef(BaseModel):
+    """One source image of a record: where it is (relative to its data set) and whose it is."""
+
+    path: str
+    pid: int
+    camera: int
+    domain: str
+    label: int = Field(description="class index in the generator's label map; -1 if the person is not in it")
+
+
+class SoftLabel(BaseModel):
+    classes: list[int]
+    probs: list[float]
+
+
+class RecordMeta(BaseModel):
+    """The labels stored with a generated image (DG-Net: L_prim uses ``soft_label``, L_fine
+    ``structure_label``; CR-GAN: the source's identity is ``appearance.label``)."""
+
+    index: int = Field(description="position in the job's plan")
+    kind: JobKind
+    appearance: SourceRef = Field(description="appearance source (CR-GAN: the person rendered)")
+    structure: SourceRef = Field(description="structure source (CR-GAN: the target context)")
+    soft_label: SoftLabel | None = None
+    structure_label: int = Field(description="the fine-grained loss's class: the structure provider's identity")
+    encoding: Literal["png", "jpeg"]
+    height: int
+    width: int
+
+
+class ModelIdentity(BaseModel):
+    checkpoint: str
+    identity: str = Field(description="short sha256 of the checkpoint file")
+
+
+class RecordEntry(BaseModel):
+    index: int
+    key: str
+    sha256: str
+    bytes: int
+
+
+class FailedRecord(BaseModel):
+    index: int
+    error: str
+
+
+class ShardManifest(BaseModel):
+    format: Literal["reidgen-shard"] = SHARD_FORMAT
+    version: int = SHARD_VERSION
+    shard: int
+    shards: int
+    plan_hash: str
+    spec: JobSpec
+    models: dict[str, ModelIdentity]
+    label_map: list[int] = Field(description="person id of each class index (soft labels, structure labels)")
+    record_count: int
+    records: list[RecordEntry]
+    failed: list[FailedRecord]
+    shard_sha256: str = Field(description="sha256 of the records' sha256 digests, in order")
+
+
+class JobManifest(BaseModel):
+    """``job.json`` beside the shards: what the folder should hold once the job is done."""
+
+    format: Literal["reidgen-job"] = "reidgen-job"
+    spec: JobSpec
+    plan_hash: str
+    shards: int
+    records_planned: int
+
+
+class JobRequest(_Strict):
+    spec: JobSpec
+    out: str = Field(min_length=1, description="folder for the shards (as the workers see it)")
+
+
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: JobState
+    out: str
+    shards_total: int
+    shards_done: int
+    records_planned: int
+    records_done: int
+    records_failed: int
+    images_per_s: float | None = Field(None, description="records written per second since the first shard started")
+    errors: list[str] = Field(default_factory=list)

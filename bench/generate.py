@@ -1,0 +1,144 @@
+"""Benchmark: images/s of a batch generation job versus the generator's raw forward throughput
+at the same batch size, measured side by side in one run (target: job / raw ≥ 0.85).
+
+"Raw" is `Engine.swap_batch` on batches already in memory, repeated: no decoding, no labels, no
+encoding, no LMDB. The job is `worker.run.generate_shard` over every shard of a spec (decode →
+engine → encode → LMDB, pipelined), with the model already loaded as in a warm worker. Both
+are measured with and without the teacher's soft labels, so the pipelining overhead and the
+cost of the soft labels are reported separately.
+
+The DG-Net checkpoint is made on the spot (1 iteration of the chosen preset, random weights:
+the cost of a forward pass does not depend on the weights), or given with --checkpoint.
+
+    python bench/generate.py [--data market1501_mini] [--preset small] [--batch 16] [--records 320]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+OUT = REPO / "bench" / "results" / "generate.json"
+
+
+def make_checkpoint(data: str, preset: str, root: Path) -> str:
+    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+    from trainer.train_reid import preset_config, train_reid
+
+    teacher = train_reid(preset_config("tiny", data=data, max_steps=1, workers=0, evaluate=False),
+                         root / "teacher", progress=False)
+    return str(train_dgnet(dgnet_preset_config(preset, data=data, teacher=str(teacher), pretrained="none",
+                                               iterations=1, workers=0, batch_size=4, grid_every=0,
+                                               checkpoint_every=10**9), root / "dgnet", progress=False))
+
+
+def raw_throughput(runtime, plan, batch: int, seconds: float, teacher: bool) -> float:
+    """Images/s of the engine (and optionally the teacher) on the job's own first batches,
+    decoded beforehand and kept in memory, run over and over."""
+    from worker.run import _load_batch, synthesize
+
+    batches = [_load_batch(plan, runtime.model, list(range(i, i + batch))) for i in range(0, 4 * batch, batch)]
+    saved, runtime.teacher = runtime.teacher, (runtime.teacher if teacher else None)
+    try:
+        for b in batches[:3]:  # warm-up: the first calls on CPU pay for oneDNN primitive creation
+            synthesize(runtime, b.appearance, b.structure, None, 10)
+        n, k, start = 0, 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            b = batches[k % len(batches)]
+            synthesize(runtime, b.appearance, b.structure, None, 10)
+            n, k = n + len(b.indices), k + 1
+        return n / (time.perf_counter() - start)
+    finally:
+        runtime.teacher = saved
+
+
+def job_throughput(spec, runtime, out: Path) -> tuple[float, int]:
+    from worker.plans import make_plan
+    from worker.run import generate_shard
+
+    plan = make_plan(spec)
+    shutil.rmtree(out, ignore_errors=True)
+    generate_shard(spec, 0, out / "warm", runtime)  # warm-up: thread pools, allocator, first batches
+    start = time.perf_counter()
+    records = sum(generate_shard(spec, i, out / "run", runtime, loader_threads=2, encoder_threads=2).records
+                  for i in range(plan.shards))
+    return records / (time.perf_counter() - start), records
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="market1501_mini")
+    ap.add_argument("--preset", default="small", choices=["small", "paper"])
+    ap.add_argument("--checkpoint", help="an existing DG-Net checkpoint (its teacher must be findable)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--records", type=int, default=320, help="records of the measured job")
+    ap.add_argument("--shard-size", type=int, default=160)
+    ap.add_argument("--encoding", default="jpeg", choices=["png", "jpeg"])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--raw-seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved raw/job measurements (medians reported)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from api_schemas.jobs import JobSpec
+    from reidgen.paths import resolve_data
+    from worker.plans import make_plan
+    from worker.run import load_runtime
+
+    data = str(resolve_data(args.data))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        checkpoint = args.checkpoint or make_checkpoint(data, args.preset, root)
+        k = 4
+        base = dict(kind="dgnet_random_structures", checkpoint=checkpoint, data=data, subset=args.records // k,
+                    structures_per_image=k, shard_size=args.shard_size, batch_size=args.batch,
+                    encoding=args.encoding, seed=0)
+        # Interleaved rounds, medians: on a shared machine the load changes from minute to minute,
+        # and a ratio of two figures taken minutes apart would measure that instead.
+        for soft in (False, True):
+            spec = JobSpec(**base, soft_labels=soft)
+            runtime = load_runtime(spec, args.device)
+            plan = make_plan(spec)
+            raws, jobs = [], []
+            for _ in range(args.rounds):
+                raws.append(raw_throughput(runtime, plan, args.batch, args.raw_seconds, teacher=soft))
+                job, records = job_throughput(spec, runtime, root / f"out-{soft}")
+                jobs.append(job)
+            raw, job = statistics.median(raws), statistics.median(jobs)
+            name = "with_soft_labels" if soft else "generator_only"
+            results[name] = {"raw_images_per_s": raw, "job_images_per_s": job, "job_over_raw": job / raw,
+                             "records_per_job": records, "raw_rounds": raws, "job_rounds": jobs}
+            print(f"{name:<17} raw forward {raw:8.1f} img/s   job {job:8.1f} img/s   ratio {job / raw:.3f}  "
+                  f"(medians of {args.rounds} interleaved rounds)")
+        device = str(runtime.engine.device)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({
+        "benchmark": "generate", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": device,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "torch_threads": torch.get_num_threads()},
+        "data": data, "preset": args.preset if not args.checkpoint else "given", "batch_size": args.batch,
+        "encoding": args.encoding, "shard_size": args.shard_size, "rounds": args.rounds,
+        "load_average_1min": os.getloadavg()[0], "target_job_over_raw": 0.85, "results": results,
+    }, indent=2))
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

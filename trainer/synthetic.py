@@ -1,0 +1,98 @@
+"""The synthetic half of `train-reid --shards` / `--online-generator`, and its losses.
+
+A feed gives, per training step, a batch of generated images with their targets:
+``(images, soft labels B×K, structure labels B)`` on the device. Offline, from LMDB shards
+(`trainer.shard_data.ShardDataset`, its own seeded stream keyed by the step so a resumed run
+reads the same records); online, made on the fly from the real batch by the same engine and
+teacher the batch workers use (`worker.run.synthesize`): each real image's appearance on the
+structure of another person of the batch.
+
+The losses are those of DG-Net's discriminative module on generated images: L_prim =
+KL(q ‖ p) of the primary head to the teacher's soft label, L_fine = CE of a fine-grained head
+to the structure provider's identity (the real images keep their cross-entropy).
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from reidgen.errors import ReidgenError
+from reidgen.market import LabelMap
+from trainer.data import endless_batches, epoch_loader
+from trainer.samplers import RandomBatchSampler
+
+
+class ShardFeed:
+    def __init__(self, roots, transform, label_map: LabelMap, image_size, batch_size: int, seed: int,
+                 workers: int, device: torch.device, start_step: int, strict: bool = False):
+        from trainer.shard_data import ShardDataset
+
+        self.dataset = ShardDataset(list(roots), transform, label_map, image_size, strict=strict)
+        if len(self.dataset) < batch_size:
+            raise ReidgenError(f"the shards hold {len(self.dataset)} records, fewer than one synthetic batch "
+                               f"of {batch_size}")
+        self.device = device
+        self.sampler = RandomBatchSampler(len(self.dataset), batch_size, seed + 13)
+        self.stream = endless_batches(lambda s: epoch_loader(self.dataset, s, workers, device), [self.sampler],
+                                      start_step)
+        self.bad: list[str] = []
+
+    def __call__(self, real_images: torch.Tensor, real_labels: torch.Tensor):
+        ((images, soft, fine, _, ok, indices),) = next(self.stream)
+        if not bool(ok.all()):
+            self.bad += [self.dataset.name(int(i)) for i in indices[~ok]]
+            images, soft, fine = images[ok], soft[ok], fine[ok]
+        return (images.to(self.device, non_blocking=True), soft.to(self.device, non_blocking=True),
+                fine.to(self.device))
+
+
+class OnlineFeed:
+    """Samples made on the fly by a DG-Net checkpoint (and its teacher) from the real batch."""
+
+    def __init__(self, checkpoint: str, data: str, label_map: LabelMap, device: torch.device, batch_size: int,
+                 top_k: int = 10):
+        from api_schemas.jobs import JobSpec
+        from worker.run import load_runtime
+
+        spec = JobSpec(kind="dgnet_random_structures", checkpoint=checkpoint, data=data, top_k=top_k)
+        self.runtime = load_runtime(spec, str(device))
+        self.runtime.label_map.require_same(label_map, f"--online-generator {checkpoint} vs the training data")
+        if self.runtime.teacher is None:
+            raise ReidgenError(f"--online-generator {checkpoint} has no teacher for the soft labels")
+        self.device, self.batch_size, self.top_k = device, batch_size, top_k
+        self.num_classes = len(label_map)
+        self.bad: list[str] = []
+
+    def __call__(self, real_images: torch.Tensor, real_labels: torch.Tensor):
+        from worker.run import synthesize
+
+        n = min(self.batch_size, len(real_images))
+        # Structure from the next image whose identity differs (cross-identity swaps, as the shards).
+        labels = real_labels.cpu()
+        order = torch.arange(len(labels))
+        partner = torch.empty(n, dtype=torch.long)
+        for i in range(n):
+            others = order[labels != labels[i]]
+            partner[i] = others[(others > i).long().argmax()] if len(others) else (i + 1) % len(labels)
+        appearance, structure = real_images[:n].detach().cpu(), real_images[partner].detach().cpu()
+        images, soft = synthesize(self.runtime, appearance, structure, None, self.top_k)
+        q = torch.zeros(n, self.num_classes)
+        for row, s in enumerate(soft):
+            q[row, torch.tensor(s.classes)] = torch.tensor(s.probs)
+        size = tuple(real_images.shape[-2:])
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return images.to(self.device), q.to(self.device), labels[partner].to(self.device)
+
+
+def synthetic_losses(logits_prim: torch.Tensor, logits_fine: torch.Tensor, soft: torch.Tensor,
+                     fine_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_prim, L_fine) on generated images; records without a soft label (or a structure
+    identity outside the label map) do not count in the respective loss."""
+    zero = logits_prim.sum() * 0
+    has_soft = soft.sum(1) > 0
+    l_prim = F.kl_div(F.log_softmax(logits_prim[has_soft].float(), 1), soft[has_soft],
+                      reduction="batchmean") if bool(has_soft.any()) else zero
+    known = fine_labels >= 0
+    l_fine = F.cross_entropy(logits_fine[known].float(), fine_labels[known]) if bool(known.any()) else zero
+    return l_prim, l_fine

@@ -1,0 +1,289 @@
+"""Generating one shard: the single code path of `reidgen generate` (in-process) and the Celery
+task (`worker.tasks`). Both call `generate_shard`; nothing else writes shards.
+
+The shard is made in device batches through the inference engine, pipelined so the device does
+not wait on I/O: loader threads decode and resize the next batches while the device runs the
+current one, and a writer thread encodes (a small pool: PIL releases the GIL while it
+compresses) and writes the previous one. A source image that cannot be read fails its own
+records (listed in the manifest), never the shard.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from api_schemas.jobs import JobManifest, JobSpec, ModelIdentity, RecordMeta, ShardManifest, SoftLabel, SourceRef
+from generator_service.checkpoint import file_identity, load_checkpoint, resolve_checkpoint
+from generator_service.device import autocast
+from generator_service.engine import Engine, ServedModel
+from generator_service.images import UnreadableImage, decode_image, denormalize, encode_image
+from generator_service.teacher import Teacher
+from reidgen.errors import ReidgenError
+from reidgen.market import Item, LabelMap
+from worker.plans import Plan, make_plan
+from worker.shards import MANIFEST, ShardWriter, ensure_job_manifest, pack_record, shard_done, shard_name
+
+log = logging.getLogger("reidgen.worker")
+PREFETCH = 2  # batches decoded ahead of the device
+
+
+class Cancelled(Exception):
+    """The job was cancelled while this shard was being made (the partial shard is discarded)."""
+
+
+@dataclass
+class Runtime:
+    """A loaded generator (through the engine) and teacher: made once per process."""
+
+    engine: Engine
+    model: ServedModel
+    teacher: Teacher | None
+    label_map: LabelMap
+    models: dict[str, ModelIdentity]
+
+
+_RUNTIMES: dict[tuple, Runtime] = {}
+
+
+def _teacher_path(spec: JobSpec, train_config: dict) -> str | None:
+    if not spec.soft_labels:
+        return None
+    path = spec.teacher or train_config.get("teacher") or train_config.get("id_model")
+    if not path:
+        raise ReidgenError(f"{spec.checkpoint} names no teacher; give the spec a teacher or set soft_labels false")
+    return path
+
+
+def load_runtime(spec: JobSpec, device: str = "auto") -> Runtime:
+    """The runtime for ``spec``'s checkpoint and teacher, cached per process (a worker loads its
+    model once, on its first task, after the pool has forked)."""
+    ckpt_path = resolve_checkpoint(spec.checkpoint)
+    if not ckpt_path.is_file():
+        raise ReidgenError(f"checkpoint {spec.checkpoint} not found")
+    key = (str(ckpt_path.resolve()), file_identity(ckpt_path), spec.teacher, spec.soft_labels, device)
+    if key in _RUNTIMES:
+        return _RUNTIMES[key]
+    meta = load_checkpoint(ckpt_path, ("dgnet", "crgan"))
+    want = "crgan" if spec.kind == "crgan_render" else "dgnet"
+    if meta["kind"] != want:
+        raise ReidgenError(f"{spec.kind} needs a {want} checkpoint; {spec.checkpoint} holds a {meta['kind']} model")
+    label_map = LabelMap(tuple(meta["label_map"]))
+    teacher_path = _teacher_path(spec, meta.get("train_config") or {})
+    del meta
+    engine = Engine.from_checkpoint(spec.checkpoint, device)
+    model = next(iter(engine.models.values()))
+    models = {"generator": ModelIdentity(checkpoint=str(spec.checkpoint), identity=model.identity)}
+    teacher = None
+    if teacher_path:
+        teacher = Teacher(teacher_path, label_map, engine.device)
+        models["teacher"] = ModelIdentity(checkpoint=str(teacher_path),
+                                          identity=file_identity(resolve_checkpoint(teacher_path)))
+    _RUNTIMES.clear()  # one model per process: a worker switching jobs frees the previous one
+    _RUNTIMES[key] = Runtime(engine, model, teacher, label_map, models)
+    return _RUNTIMES[key]
+
+
+@dataclass
+class ShardResult:
+    index: int
+    status: str  # "done" | "skipped" (already complete) | "lost-race" (a duplicate finished first)
+    records: int
+    failed: int
+    seconds: float
+
+
+# -- the pieces of the pipeline ---------------------------------------------------------------------
+def _source_ref(item: Item, root: Path, label_map: LabelMap) -> SourceRef:
+    label = label_map.index(item.pid) if item.pid in label_map.pids else -1
+    return SourceRef(path=str(Path(item.path).relative_to(root)), pid=item.pid, camera=item.camid,
+                     domain=root.name, label=label)
+
+
+@dataclass
+class _Batch:
+    indices: list[int]          # plan indices of the records that loaded
+    appearance: torch.Tensor
+    structure: torch.Tensor
+    masks: torch.Tensor | None  # CR-GAN target person masks
+    failures: list[tuple[int, str]]
+
+
+def _load_batch(plan: Plan, model: ServedModel, indices: list[int]) -> _Batch:
+    """Decode each distinct image of the batch once; a record whose image fails is left out."""
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None] | str] = {}
+    render = plan.spec.kind == "crgan_render"
+
+    def get(item: Item, is_target: bool):
+        if item.path not in cache:
+            try:
+                picture = decode_image(item.path)
+                mask = model.mask_tensor(model.person_mask(picture)) if is_target and render else None
+                cache[item.path] = (model.image_tensor(picture), mask)
+            except UnreadableImage as exc:
+                cache[item.path] = str(exc)
+        return cache[item.path]
+
+    good, a_list, s_list, m_list, failures = [], [], [], [], []
+    for index in indices:
+        ai, si = plan.pairs[index]
+        a, s = get(plan.sources[ai], False), get(plan.structures[si], True)
+        bad = next((x for x in (a, s) if isinstance(x, str)), None)
+        if bad is not None:
+            failures.append((index, bad))
+            continue
+        good.append(index)
+        a_list.append(a[0])
+        s_list.append(s[0])
+        m_list.append(s[1])
+    if not good:
+        return _Batch([], torch.empty(0), torch.empty(0), None, failures)
+    masks = torch.stack(m_list) if render else None
+    return _Batch(good, torch.stack(a_list), torch.stack(s_list), masks, failures)
+
+
+def synthesize(runtime: Runtime, appearance: torch.Tensor, structure: torch.Tensor,
+               masks: torch.Tensor | None, top_k: int) -> tuple[torch.Tensor, list[SoftLabel | None]]:
+    """Generated images (normalised, on the CPU) and the teacher's top-k soft labels (renormalised)
+    for pairs of source images: what a shard record holds, and what the online feed trains on."""
+    name = runtime.model.name
+    if masks is not None:
+        images, _ = runtime.engine.render_batch(appearance, structure, masks, model=name)
+    else:
+        images = runtime.engine.swap_batch(appearance, structure, model=name)
+    soft: list[SoftLabel | None] = [None] * len(images)
+    if runtime.teacher is not None:
+        device = runtime.engine.device
+        with torch.inference_mode(), autocast(device, runtime.engine.amp):
+            q = runtime.teacher.soft_labels(images.to(device)).float()
+        k = min(top_k, q.shape[1])
+        probs, classes = q.topk(k, dim=1)
+        probs = (probs / probs.sum(1, keepdim=True)).cpu()
+        soft = [SoftLabel(classes=c, probs=p) for c, p in zip(classes.cpu().tolist(), probs.tolist())]
+    return images, soft
+
+
+def _generate(runtime: Runtime, batch: _Batch, top_k: int) -> tuple[torch.Tensor, list[SoftLabel | None]]:
+    return synthesize(runtime, batch.appearance, batch.structure, batch.masks, top_k)
+
+
+def _encode_one(spec: JobSpec, pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    return encode_image(Image.fromarray(pixels), spec.encoding, spec.jpeg_quality)
+
+
+def _encode_and_write(plan: Plan, runtime: Runtime, writer: ShardWriter, encoders: ThreadPoolExecutor,
+                      indices: list[int], images: torch.Tensor, soft: list) -> int:
+    spec, lm = plan.spec, runtime.label_map
+    pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    encoded = list(encoders.map(lambda p: _encode_one(spec, p), pixels))
+    h, w = pixels.shape[1:3]
+    values = []
+    for index, data, q in zip(indices, encoded, soft):
+        ai, si = plan.pairs[index]
+        a = _source_ref(plan.sources[ai], plan.source_root, lm)
+        s = _source_ref(plan.structures[si], plan.structure_root, lm)
+        # L_fine's class is the structure provider's identity; a CR-GAN rendering keeps the source's.
+        fine = a.label if spec.kind == "crgan_render" else s.label
+        meta = RecordMeta(index=index, kind=spec.kind, appearance=a, structure=s, soft_label=q,
+                          structure_label=fine, encoding=spec.encoding, height=h, width=w)
+        values.append((index, pack_record(meta.model_dump(mode="json"), data)))
+    writer.add(values)
+    return len(values)
+
+
+# -- one shard ------------------------------------------------------------------------------------
+def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime | None = None, *,
+                   device: str = "auto", on_records: Callable[[int], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None, loader_threads: int = 2,
+                   encoder_threads: int = 2) -> ShardResult:
+    """Make shard ``index`` of ``spec``'s plan under ``out`` (idempotent: a finished shard is
+    skipped). ``on_records(n)`` reports progress; ``should_stop()`` is polled between batches."""
+    started = time.perf_counter()
+    plan = make_plan(spec)
+    if not 0 <= index < plan.shards:
+        raise ReidgenError(f"shard {index} does not exist; the plan has {plan.shards} shards")
+    ensure_job_manifest(out, JobManifest(spec=spec, plan_hash=plan.hash, shards=plan.shards,
+                                         records_planned=plan.records))
+    if shard_done(out, index):
+        done = ShardManifest.model_validate_json((Path(out) / shard_name(index) / MANIFEST).read_text())
+        return ShardResult(index, "skipped", done.record_count, len(done.failed), 0.0)
+    runtime = runtime or load_runtime(spec, device)
+    records = list(plan.shard_range(index))
+    batches = [records[i:i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
+    writer = ShardWriter(out, index)
+    written = 0
+    try:
+        with ThreadPoolExecutor(loader_threads, thread_name_prefix="shard-load") as loaders, \
+                ThreadPoolExecutor(1, thread_name_prefix="shard-write") as writes, \
+                ThreadPoolExecutor(encoder_threads, thread_name_prefix="shard-encode") as encoders:
+            loading = deque(loaders.submit(_load_batch, plan, runtime.model, b) for b in batches[:PREFETCH])
+            pending = None
+            for k in range(len(batches)):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"shard {index} cancelled")
+                batch = loading.popleft().result()
+                if k + PREFETCH < len(batches):
+                    loading.append(loaders.submit(_load_batch, plan, runtime.model, batches[k + PREFETCH]))
+                for failed_index, error in batch.failures:
+                    writer.fail(failed_index, error)
+                if batch.failures and on_records is not None:
+                    on_records(len(batch.failures))
+                if not batch.indices:
+                    continue
+                images, soft = _generate(runtime, batch, spec.top_k)
+                if pending is not None:  # at most one batch being written while the device works
+                    n = pending.result()
+                    written += n
+                    if on_records is not None:
+                        on_records(n)
+                pending = writes.submit(_encode_and_write, plan, runtime, writer, encoders, batch.indices,
+                                        images, soft)
+            if pending is not None:
+                n = pending.result()
+                written += n
+                if on_records is not None:
+                    on_records(n)
+        won = writer.commit(shards=plan.shards, plan_hash=plan.hash, spec=spec, models=runtime.models,
+                            label_map=list(runtime.label_map.pids))
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - started
+    return ShardResult(index, "done" if won else "lost-race", written, len(writer.failed), seconds)
+
+
+def run_job(spec: JobSpec, out: str | Path, device: str = "auto", progress: bool = True) -> list[ShardResult]:
+    """Every shard of ``spec`` in this process, in order (finished shards are skipped): the
+    embedded default of `reidgen generate`, no broker needed."""
+    from tqdm import tqdm
+
+    plan = make_plan(spec)
+    ensure_job_manifest(out, JobManifest(spec=spec, plan_hash=plan.hash, shards=plan.shards,
+                                         records_planned=plan.records))
+    results = []
+    with tqdm(total=plan.records, disable=not progress, unit="img", dynamic_ncols=True,
+              desc=f"{plan.shards} shard(s)") as bar:
+        runtime = None
+        for index in range(plan.shards):
+            if shard_done(out, index):
+                results.append(generate_shard(spec, index, out))
+                bar.update(len(plan.shard_range(index)))
+                continue
+            runtime = runtime or load_runtime(spec, device)
+            results.append(generate_shard(spec, index, out, runtime, on_records=bar.update,
+                                          loader_threads=_threads(), encoder_threads=_threads()))
+    return results
+
+
+def _threads() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))

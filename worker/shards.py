@@ -1,0 +1,336 @@
+"""LMDB shards: the writer, the reader and the checks (one module, one format).
+
+A job's output folder::
+
+    OUT/job.json                 the spec, the plan hash, how many shards and records to expect
+    OUT/shard-00000/data.mdb     one LMDB environment per shard, key = the record's plan index
+    OUT/shard-00000/manifest.json  records (plan index, sha256, size), failed records, models
+    OUT/.shard-00003.tmp-XXXX/   a shard being written (never read; discarded when redone)
+
+A record's value is ``MAGIC | u32 length | RecordMeta JSON | encoded image``; its sha256 is in
+the manifest. A shard is written under a temporary name and renamed when complete, so a
+finished shard is never rewritten and a crash leaves nothing that looks finished. Two workers
+writing the same shard (a redelivered task) race on the rename: the loser discards its copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+from PIL import Image
+
+from api_schemas.jobs import FailedRecord, JobManifest, RecordEntry, ShardManifest
+from reidgen.errors import ReidgenError
+
+MAGIC = b"RGR1"
+MANIFEST = "manifest.json"
+JOB_FILE = "job.json"
+_INITIAL_MAP = 64 << 20
+
+
+class CorruptRecord(ReidgenError):
+    """A record whose bytes do not match the checksum in its shard's manifest."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def record_key(index: int) -> bytes:
+    return f"{index:010d}".encode()
+
+
+def pack_record(meta: dict, image: bytes) -> bytes:
+    # Sorted keys and no spaces: the same labels always give the same bytes (and checksum).
+    header = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<I", len(header)) + header + image
+
+
+def unpack_record(value: bytes) -> tuple[dict, bytes]:
+    if value[:4] != MAGIC or len(value) < 8:
+        raise CorruptRecord("not a reidgen record (bad magic)")
+    (n,) = struct.unpack("<I", value[4:8])
+    try:
+        meta = json.loads(value[8:8 + n])
+    except ValueError:
+        raise CorruptRecord("record labels are not valid JSON") from None
+    return meta, value[8 + n:]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def shard_digest(entries: list[RecordEntry]) -> str:
+    return sha256("".join(e.sha256 for e in entries).encode())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def shard_done(out: str | Path, index: int) -> bool:
+    return (Path(out) / shard_name(index) / MANIFEST).is_file()
+
+
+def ensure_job_manifest(out: str | Path, manifest: JobManifest) -> None:
+    """Write ``job.json`` once; refuse an output folder that holds another job's shards."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / JOB_FILE
+    if path.is_file():
+        existing = JobManifest.model_validate_json(path.read_text())
+        if existing.plan_hash != manifest.plan_hash:
+            raise ReidgenError(f"{out} holds the shards of another job (plan {existing.plan_hash}, this one "
+                               f"{manifest.plan_hash}); use another --out folder")
+        return
+    write_atomic(path, manifest.model_dump_json(indent=2))
+
+
+# -- writing --------------------------------------------------------------------------------------
+class ShardWriter:
+    """Builds one shard in a temporary folder; `commit` renames it into place."""
+
+    def __init__(self, out: str | Path, index: int):
+        self.out, self.index = Path(out), index
+        self.final = self.out / shard_name(index)
+        self.tmp = self.out / f".{shard_name(index)}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir(parents=True)
+        # lock=False: this process is the only one that ever opens the temporary folder.
+        self.env = lmdb.open(str(self.tmp), map_size=_INITIAL_MAP, lock=False, metasync=False, sync=False)
+        self.entries: list[RecordEntry] = []
+        self.failed: list[FailedRecord] = []
+
+    def add(self, records: list[tuple[int, bytes]]) -> None:
+        """Write a batch of (plan index, value) in one transaction, growing the map when full."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for index, value in records:
+                        txn.put(record_key(index), value, overwrite=False)
+                break
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        for index, value in records:
+            self.entries.append(RecordEntry(index=index, key=record_key(index).decode(), sha256=sha256(value),
+                                            bytes=len(value)))
+
+    def fail(self, index: int, error: str) -> None:
+        self.failed.append(FailedRecord(index=index, error=error))
+
+    def commit(self, **manifest_fields) -> bool:
+        """Finish the shard; False if another writer finished it first (ours is discarded)."""
+        self.entries.sort(key=lambda e: e.index)
+        self.failed.sort(key=lambda f: f.index)
+        manifest = ShardManifest(shard=self.index, record_count=len(self.entries), records=self.entries,
+                                 failed=self.failed, shard_sha256=shard_digest(self.entries), **manifest_fields)
+        self.env.sync(True)
+        self.env.close()
+        (self.tmp / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+        try:
+            os.rename(self.tmp, self.final)  # atomic; fails if the shard already exists
+            won = True
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            won = False
+        self._discard_stale()
+        return won
+
+    def abort(self) -> None:
+        try:
+            self.env.close()
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _discard_stale(self) -> None:
+        # Temporary copies of a finished shard are useless: a killed worker's half-written one,
+        # or a duplicate still running (whose rename will fail and which then cleans up itself).
+        for stale in self.out.glob(f".{shard_name(self.index)}.tmp-*"):
+            if stale != self.tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+# -- reading --------------------------------------------------------------------------------------
+# One read-only environment per shard path and process: py-lmdb refuses to open a path twice in
+# a process, and handles inherited through fork (DataLoader workers) must not be used.
+_ENVS: dict[str, tuple[int, lmdb.Environment]] = {}
+
+
+def _read_env(path: Path) -> lmdb.Environment:
+    key = str(path.resolve())
+    pid, env = _ENVS.get(key, (None, None))
+    if env is not None and pid == os.getpid():
+        return env
+    if env is not None:
+        env.close()  # the parent's, inherited through fork: drop it, open our own
+    env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+    _ENVS[key] = (os.getpid(), env)
+    return env
+
+
+def _close_env(path: Path) -> None:
+    pid, env = _ENVS.pop(str(path.resolve()), (None, None))
+    if env is not None and pid == os.getpid():
+        env.close()
+
+
+class ShardReader:
+    """Read-only access to one finished shard. The LMDB environment opens lazily, once per
+    process (a reader made before DataLoader workers fork opens its own in each worker),
+    read-only and without locks: finished shards never change."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.manifest = ShardManifest.model_validate_json((self.path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ReidgenError(f"{self.path} is not a finished shard (no {MANIFEST})") from None
+        except ValueError as exc:
+            raise CorruptRecord(f"{self.path / MANIFEST} is not a valid shard manifest ({exc})") from None
+
+    def __len__(self) -> int:
+        return self.manifest.record_count
+
+    def _txn(self):
+        return _read_env(self.path).begin(buffers=False)
+
+    def raw(self, i: int, verify: bool = True) -> bytes:
+        """The value of the i-th record (manifest order), checked against its sha256."""
+        entry = self.manifest.records[i]
+        with self._txn() as txn:
+            value = txn.get(entry.key.encode())
+        if value is None:
+            raise CorruptRecord(f"{self.path}: record {entry.index} is missing")
+        if verify and sha256(value) != entry.sha256:
+            raise CorruptRecord(f"{self.path}: record {entry.index} does not match its checksum")
+        return value
+
+    def record(self, i: int, verify: bool = True) -> tuple[dict, bytes]:
+        meta, image = unpack_record(self.raw(i, verify))
+        return meta, image
+
+    def close(self) -> None:
+        """Close this process's environment of the shard (other readers of it reopen on demand)."""
+        _close_env(self.path)
+
+
+def shard_paths(root: str | Path) -> list[Path]:
+    """The finished shards under ``root`` (a job folder or a shard itself), sorted."""
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return [root]
+    if not root.is_dir():
+        raise ReidgenError(f"shard folder {root} not found")
+    return sorted(p for p in root.glob("shard-*") if (p / MANIFEST).is_file())
+
+
+# -- checks ---------------------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    root: str
+    shards_expected: int | None = None
+    shards_found: int = 0
+    records: int = 0
+    records_expected: int | None = None
+    failed_records: int = 0
+    missing_shards: list[int] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    duplicates: list[int] = field(default_factory=list)
+    in_progress: int = 0
+
+    @property
+    def ok(self) -> bool:
+        complete = self.records_expected is None or self.records + self.failed_records == self.records_expected
+        return not (self.missing_shards or self.corrupt or self.duplicates) and complete
+
+    def summary(self) -> str:
+        lines = [f"{self.root}: {self.shards_found}"
+                 + (f"/{self.shards_expected}" if self.shards_expected is not None else "") + " shards, "
+                 f"{self.records} records"
+                 + (f" (planned {self.records_expected})" if self.records_expected is not None else "")
+                 + f", {self.failed_records} failed at generation, {self.in_progress} shard(s) being written"]
+        if self.missing_shards:
+            lines.append(f"missing shards: {self.missing_shards[:20]}")
+        if self.duplicates:
+            lines.append(f"records in more than one shard: {self.duplicates[:20]}")
+        lines += [f"corrupt: {c}" for c in self.corrupt[:50]]
+        lines.append("OK" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def verify_shard(path: Path, report: VerifyReport, seen: set[int]) -> None:
+    try:
+        reader = ShardReader(path)
+    except ReidgenError as exc:
+        report.corrupt.append(str(exc))
+        return
+    m = reader.manifest
+    if shard_digest(m.records) != m.shard_sha256 or m.record_count != len(m.records):
+        report.corrupt.append(f"{path}: the manifest's shard checksum or count does not match its records")
+    with reader._txn() as txn:
+        stored = txn.stat()["entries"]
+    if stored != len(m.records):
+        report.corrupt.append(f"{path}: {stored} records stored, the manifest lists {len(m.records)}")
+    for i, entry in enumerate(m.records):
+        try:
+            reader.raw(i)
+        except CorruptRecord as exc:
+            report.corrupt.append(str(exc))
+        if entry.index in seen:
+            report.duplicates.append(entry.index)
+        seen.add(entry.index)
+    reader.close()
+    report.records += len(m.records)
+    report.failed_records += len(m.failed)
+
+
+def verify(root: str | Path) -> VerifyReport:
+    """Check every record of every shard under ``root`` against the manifests and ``job.json``."""
+    root = Path(root)
+    paths = shard_paths(root)
+    report = VerifyReport(str(root), shards_found=len(paths))
+    job = root / JOB_FILE
+    if job.is_file():
+        jm = JobManifest.model_validate_json(job.read_text())
+        report.shards_expected, report.records_expected = jm.shards, jm.records_planned
+        found = {int(p.name.split("-")[1]) for p in paths}
+        report.missing_shards = [i for i in range(jm.shards) if i not in found]
+        for p in paths:
+            plan_hash = ShardReader(p).manifest.plan_hash
+            if plan_hash != jm.plan_hash:
+                report.corrupt.append(f"{p}: made by another plan ({plan_hash}, job.json says {jm.plan_hash})")
+    report.in_progress = len(list(root.glob(".shard-*.tmp-*"))) if root.is_dir() else 0
+    seen: set[int] = set()
+    for p in paths:
+        verify_shard(p, report, seen)
+    return report
+
+
+def contact_sheet(root: str | Path, count: int = 32, columns: int = 8, pad: int = 2) -> Image.Image:
+    """The first ``count`` records of the shards under ``root``, tiled (to check them by eye)."""
+    images = []
+    for path in shard_paths(root):
+        reader = ShardReader(path)
+        for i in range(min(len(reader), count - len(images))):
+            images.append(Image.open(io.BytesIO(reader.record(i)[1])).convert("RGB"))
+        reader.close()
+        if len(images) >= count:
+            break
+    if not images:
+        raise ReidgenError(f"no records under {root}")
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    sheet = Image.new("RGB", (min(columns, len(images)) * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for k, im in enumerate(images):
+        sheet.paste(im, (pad + (k % columns) * (w + pad), pad + (k // columns) * (h + pad)))
+    return sheet
