@@ -1,0 +1,52 @@
+"""The main job end to end on real images (tiny settings), its report, and its error for missing data."""
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+from conftest import make_market_subset
+
+from api_schemas.evaluation import EvaluationReport
+from reidgen.cli import main
+from trainer.demo import DemoConfig, demo_checkpoints, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(market_mini, tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    data = make_market_subset(market_mini, root / "data", ids=10)
+    out = root / "run"
+    report = run_demo(DemoConfig(data=str(data), out=str(out), epochs=1, dgnet_iterations=4, records=32,
+                                 shard_size=16, workers=0, device="cpu"))
+    return out, report
+
+
+def test_demo_runs_every_stage_and_writes_a_self_contained_report(demo_run):
+    out, report = demo_run
+    html = report.read_text()
+    # Every picture is embedded (no file references), and each is a real PNG.
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert len(sources) >= 7 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in sources)
+    # The result table has a row per model, with the figures of their eval.json.
+    for name in ("teacher", "dgnet", "real_plus_synthetic"):
+        r = EvaluationReport.model_validate_json((out / name / "eval.json").read_text())
+        assert f"{100 * r.rank1:.2f}" in html and f"{100 * r.mAP:.2f}" in html
+    assert set(demo_checkpoints(out)) == {"teacher", "dgnet", "real_plus_synthetic"}
+    assert "32 records (planned 32)" in html  # the shard job's verify summary
+
+
+def test_demo_reuses_finished_stages(demo_run):
+    out, _ = demo_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
+    data = out.parent / "data"
+    run_demo(DemoConfig(data=str(data), out=str(out), epochs=1, dgnet_iterations=4, records=32, shard_size=16,
+                        workers=0, device="cpu"))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")} == before
+
+
+def test_demo_without_data_says_what_to_do(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reidgen: error:") and "nowhere" in err and "REIDGEN_DATA" in err
