@@ -69,8 +69,9 @@ def test_resume_on_other_identities_is_refused(trained_run, market_mini, tmp_pat
 
 
 def test_checkpoint_of_another_kind_or_not_ours_is_refused(trained_run, tmp_path):
-    save_checkpoint(tmp_path / "g.pt", "dgnet", {"model": {}})
-    with pytest.raises(ReidgenError, match="holds a 'dgnet' model; expected 'reid'"):
+    # evaluate takes re-id and DG-Net checkpoints; a CR-GAN generator is not a re-id model.
+    save_checkpoint(tmp_path / "g.pt", "crgan", {"model": {}})
+    with pytest.raises(ReidgenError, match="holds a 'crgan' model; expected"):
         evaluate_checkpoint(tmp_path / "g.pt", trained_run)
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     with pytest.raises(ReidgenError, match="not a reidgen checkpoint"):
@@ -99,13 +100,16 @@ def test_unreadable_images_are_skipped_and_reported(small_market, tmp_path, caps
     victim.unlink()
     victim.write_bytes(b"\xff\xd8 truncated jpeg")
     out = tmp_path / "run"
-    train_reid(tiny_config(data, max_steps=12), out, progress=False)
+    train_reid(tiny_config(data, epochs=1), out, progress=False)  # a whole epoch meets the victim for sure
     events = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "unreadable"]
     assert events and events[0]["paths"] == [str(victim)]
     assert main(["train-reid", "--data", str(data), "--out", str(tmp_path / "strict"), "--preset", "tiny",
-                 "--max-steps", "12", "--workers", "0", "--strict-images", "--no-eval"]) == 2
+                 "--epochs", "1", "--workers", "0", "--strict-images", "--no-eval"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("reidgen: error: cannot read image") and victim.name in err
+    # The progress bar shares stderr: the error is the one line (after the bar's last redraw) that says so.
+    errors = [line[line.index("reidgen: error:"):] for line in err.replace("\r", "\n").splitlines()
+              if "reidgen: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("reidgen: error: cannot read image") and victim.name in errors[0]
 
 
 def test_cli_errors_are_one_line(tmp_path):
