@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= market1501_mini
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-eval bench-dgnet bench-serve bench-generate bench-loader clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,23 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: install
+# Benchmarks write JSON to bench/results/; run them on an otherwise idle machine.
+bench: bench-eval bench-dgnet bench-serve bench-generate bench-loader
+
+bench-eval: install
 	$(BIN)/python bench/eval_speed.py
+
+bench-dgnet: install
+	$(BIN)/python bench/dgnet_speed.py
+
+bench-serve: install
+	$(BIN)/python bench/serve.py
+
+bench-generate: install
+	$(BIN)/python bench/generate.py
+
+bench-loader: install
+	$(BIN)/python bench/loader.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
