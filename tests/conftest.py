@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from reidgen.paths import data_root
 
@@ -17,6 +18,17 @@ def _dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data {path} not found (set REIDGEN_DATA)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than
+    two competing with other work (a server's threads, worker processes). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

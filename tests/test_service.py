@@ -46,14 +46,7 @@ LIMITS = {"max_images": 6, "max_outputs": 8, "max_pixels": 200 * 200, "max_body_
 
 
 # -- fixtures: real checkpoints, a live server ---------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than
-    two competing with other work (and with the server's own threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from api_schemas.jobs import JobSpec, RecordMeta
@@ -21,12 +20,7 @@ from worker.run import run_job
 from worker.shards import ShardReader, ShardWriter, shard_paths, verify
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def spec_for(tiny, **kw) -> JobSpec:
