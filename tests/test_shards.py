@@ -16,7 +16,7 @@ from reidgen.cli import main
 from reidgen.errors import ReidgenError
 from worker import shards as shard_mod
 from worker.plans import make_plan
-from worker.run import run_job
+from worker.run import generate_shard, load_runtime, run_job
 from worker.shards import ShardReader, ShardWriter, shard_paths, verify
 
 
@@ -85,6 +85,11 @@ def test_same_spec_twice_gives_identical_records_and_a_finished_shard_is_never_r
     assert [r.status for r in first] == ["done"] * 3 and sum(r.records for r in second) == 20
     a, b = all_records(tmp_path / "a"), all_records(tmp_path / "b")
     assert sorted(a) == list(range(20)) and a == b
+    # The pipeline with I/O threads beside the device (the default off the CPU) writes the same bytes.
+    runtime = load_runtime(s, "cpu")
+    for index in range(3):
+        generate_shard(s, index, tmp_path / "threads", runtime, overlap=True)
+    assert all_records(tmp_path / "threads") == a
 
     meta, image = ShardReader(tmp_path / "a" / "shard-00000").record(0)
     meta = RecordMeta.model_validate(meta)

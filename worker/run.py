@@ -4,8 +4,10 @@ task (`worker.tasks`). Both call `generate_shard`; nothing else writes shards.
 The shard is made in device batches through the inference engine, pipelined so the device does
 not wait on I/O: loader threads decode and resize the next batches while the device runs the
 current one, and a writer thread encodes (a small pool: PIL releases the GIL while it
-compresses) and writes the previous one. A source image that cannot be read fails its own
-records (listed in the manifest), never the shard.
+compresses) and writes the previous one. On a CPU device there is nothing to overlap with: the
+"device" is the same cores, and I/O threads waking up inside the model's OpenMP regions stall
+them, so there the same steps run inline, in order (``overlap``). A source image that cannot be
+read fails its own records (listed in the manifest), never the shard.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,13 +203,31 @@ def _encode_and_write(plan: Plan, runtime: Runtime, writer: ShardWriter, encoder
     return len(values)
 
 
+class _Inline(Executor):
+    """An executor that runs each task at once, in the caller's thread (the CPU-device pipeline)."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through .result()
+            future.set_exception(exc)
+        return future
+
+
+def _pool(threads: int, overlap: bool, name: str) -> Executor:
+    return ThreadPoolExecutor(threads, thread_name_prefix=name) if overlap else _Inline()
+
+
 # -- one shard ------------------------------------------------------------------------------------
 def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime | None = None, *,
                    device: str = "auto", on_records: Callable[[int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None, loader_threads: int = 2,
-                   encoder_threads: int = 2) -> ShardResult:
+                   encoder_threads: int = 2, overlap: bool | None = None) -> ShardResult:
     """Make shard ``index`` of ``spec``'s plan under ``out`` (idempotent: a finished shard is
-    skipped). ``on_records(n)`` reports progress; ``should_stop()`` is polled between batches."""
+    skipped). ``on_records(n)`` reports progress; ``should_stop()`` is polled between batches.
+    ``overlap``: loading and encoding in threads beside the device (default: unless the device
+    is the CPU)."""
     started = time.perf_counter()
     plan = make_plan(spec)
     if not 0 <= index < plan.shards:
@@ -222,10 +242,11 @@ def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime 
     batches = [records[i:i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
     writer = ShardWriter(out, index)
     written = 0
+    if overlap is None:
+        overlap = runtime.engine.device.type != "cpu"
     try:
-        with ThreadPoolExecutor(loader_threads, thread_name_prefix="shard-load") as loaders, \
-                ThreadPoolExecutor(1, thread_name_prefix="shard-write") as writes, \
-                ThreadPoolExecutor(encoder_threads, thread_name_prefix="shard-encode") as encoders:
+        with _pool(loader_threads, overlap, "shard-load") as loaders, _pool(1, overlap, "shard-write") as writes, \
+                _pool(encoder_threads, overlap, "shard-encode") as encoders:
             loading = deque(loaders.submit(_load_batch, plan, runtime.model, b) for b in batches[:PREFETCH])
             pending = None
             for k in range(len(batches)):
