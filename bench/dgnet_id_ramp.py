@@ -10,16 +10,15 @@ sixth of the run and writes bench/results/dgnet_id_ramp.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-OUT = REPO / "bench" / "results" / "dgnet_id_ramp.json"
+
+from bench.common import write_results  # noqa: E402
 
 
 def main() -> int:
@@ -48,11 +47,7 @@ def main() -> int:
             k = max(1, len(losses) // 6)
             results[name] = [round(statistics.mean(losses[i:i + k]), 4) for i in range(0, len(losses), k)]
             print(f"{name:<22} L_img1 by sixth of the run: {results[name]}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"benchmark": "dgnet_id_ramp",
-                               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "data": data, "iterations": args.iterations, "l_img1_by_sixth": results}, indent=2))
-    print(f"wrote {OUT}")
+    write_results("dgnet_id_ramp", {"data": data, "iterations": args.iterations, "l_img1_by_sixth": results})
     return 0
 
 

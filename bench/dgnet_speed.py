@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-OUT = REPO / "bench" / "results" / "dgnet_speed.json"
+
+from bench.common import run_child, write_results  # noqa: E402
 
 
 def child(preset: str, data: str, iters: int, warmup: int, teacher: str, out: str) -> None:
@@ -73,13 +71,9 @@ def main() -> int:
         teacher = str(train_reid(preset_config("tiny", data=data, max_steps=1, workers=0, evaluate=False),
                                  Path(tmp) / "teacher", progress=False))
         for preset in args.presets:
-            proc = subprocess.run([sys.executable, __file__, "--child", preset, "--data", data, "--iters",
-                                   str(args.iters), "--warmup", str(args.warmup), "--teacher", teacher,
-                                   "--out-dir", str(Path(tmp) / preset)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            results.append(run_child(__file__, "--child", preset, "--data", data, "--iters", str(args.iters),
+                                     "--warmup", str(args.warmup), "--teacher", teacher,
+                                     "--out-dir", str(Path(tmp) / preset)))
 
     print(f"DG-Net training speed on {os.cpu_count()} CPU(s), {args.iters} measured iterations each")
     print(f"{'preset':<8} {'backbone':<20} {'image':<9} {'it/s':>7} {'s/it':>7} {'peak RSS':>10}")
@@ -91,13 +85,11 @@ def main() -> int:
     if "small" in by and "paper" in by:
         ratio = by["small"]["iterations_per_second"] / by["paper"]["iterations_per_second"]
         print(f"small preset is {ratio:.1f}× faster per iteration than the paper preset")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "benchmark": "dgnet_speed", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
-        "data": data, "results": results, "small_over_paper_speed": ratio,
-    }, indent=2))
-    print(f"wrote {OUT}")
+    # The children train on the config's default device, "auto": the one pick_device resolves here.
+    from generator_service.device import pick_device
+
+    write_results("dgnet_speed", {"device": str(pick_device("auto")), "data": data, "results": results,
+                                  "small_over_paper_speed": ratio})
     return 0
 
 

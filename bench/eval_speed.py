@@ -14,13 +14,9 @@ linearly (its cost is the same for every query: one gallery-wide score, sort and
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
+from bench.common import machine_info, write_results  # noqa: E402
 from reidgen.market import scan_split  # noqa: E402
 from reidgen.paths import data_root  # noqa: E402
 from trainer.metrics import evaluate_ranking, evaluate_ranking_reference  # noqa: E402
@@ -121,12 +118,11 @@ def main(argv: list[str] | None = None) -> None:
     for label, value in rows:
         print(f"{label:<46}{value:>10}")
     print(f"max |fast - reference| on the subset (CMC, mAP, mINP): {max_diff:.1e}")
-    load = os.getloadavg()[0]
-    print(f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average {load:.2f}")
+    machine = {**machine_info("cpu"), "numpy_version": np.__version__}
+    print(f"{machine['cpus']} CPUs, {machine['torch_threads']} torch threads, "
+          f"load average {machine['load_average_1_5_15min'][0]:.2f}")
 
-    record = {
-        "benchmark": "eval_speed",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    write_results("eval_speed", {
         "data": str(market),
         "num_queries": n_q,
         "num_gallery": n_g,
@@ -143,19 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         "speedup": ref_s / fast_s,
         "max_abs_diff_on_subset": max_diff,
         "metrics": {k: v for k, v in fast.to_dict().items() if k != "cmc"},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_1_5_15min": list(os.getloadavg()),  # other processes compete for the CPU
-            "torch_version": torch.__version__,
-            "numpy_version": np.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        "machine": machine,
+    }, path=args.out)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,16 @@ DG-Net (a few iterations: the loader does not care about image quality) and a jo
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-OUT = REPO / "bench" / "results" / "loader.json"
+
+from bench.common import write_results  # noqa: E402
 
 
 def subset(src: Path, dst: Path, ids: int) -> Path:
@@ -144,20 +141,15 @@ def main() -> int:
               f"step): {share:.1%} of a step waiting for data over {len(steps)} steps ({total / len(steps):.2f} s/step)")
         device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "benchmark": "loader", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": device,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "load_average_1min": os.getloadavg()[0], "data": args.data, "ids": args.ids,
-        "records": len(from_shards), "encoding": "jpeg", "image_size": list(size), "batch_size": args.batch,
+    write_results("loader", {
+        "device": device, "data": args.data, "ids": args.ids, "records": len(from_shards), "encoding": "jpeg",
+        "image_size": list(size), "batch_size": args.batch,
         "workers": args.workers, "generation_seconds": generation_s,
         "loader_images_per_s": {"shards": shard_rate, "jpeg_files": file_rate,
                                 "shards_over_files": shard_rate / file_rate, "rounds": rates},
         "training": {"preset": args.train_preset, "steps_measured": len(steps), "seconds_per_step": total / len(steps),
                      "data_wait_share": share, "target_data_wait_share": 0.05},
-    }, indent=2))
-    print(f"wrote {OUT}")
+    })
     return 0
 
 

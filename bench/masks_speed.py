@@ -8,21 +8,18 @@ prior needs no model. Writes bench/results/masks_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import write_results  # noqa: E402
 from generator_service.masks import build_mask_provider  # noqa: E402
 from reidgen.market import scan_split  # noqa: E402
 from reidgen.paths import resolve_data  # noqa: E402
-
-OUT = REPO / "bench" / "results" / "masks_speed.json"
 
 
 def main() -> int:
@@ -50,10 +47,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['provider']:<10} {r['threads'] or '-':>7} {r['masks_per_second']:9.1f} "
               f"{1000 / r['masks_per_second']:8.2f} {r['mean_person_share']:13.2f}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"benchmark": "masks_speed", "timestamp": datetime.now(timezone.utc).isoformat(
-        timespec="seconds"), "cpus": os.cpu_count(), "data": args.data, "results": rows}, indent=2))
-    print(f"wrote {OUT}")
+    write_results("masks_speed", {"device": "cpu", "data": args.data, "results": rows})  # TFLite runs on the CPU
     return 0
 
 

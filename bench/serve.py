@@ -27,7 +27,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -35,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
+
+from bench.common import machine_info, write_results  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "serve.json"
 N_IMAGES = 64  # distinct real pictures the requests cycle through
@@ -180,19 +180,26 @@ class Service:
         self.proc = subprocess.Popen(cmd + ([] if batching else ["--no-batching"]), pass_fds=[self.sock.fileno()])
 
     def __enter__(self) -> Service:
-        import httpx
+        from generator_service.client import ServiceClient
 
-        # Poll readiness (models loaded, warm-up done) with a deadline; fail if the child dies.
+        # Wait for readiness (models loaded, warm-up done) with a deadline, in 1 s slices so that
+        # a child that dies is noticed at once rather than after the whole deadline.
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/v1/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.__exit__()  # `with` does not call __exit__ when __enter__ fails
-        raise RuntimeError(f"the service was not ready within 120 s (exit code {self.proc.returncode})")
+        try:
+            with ServiceClient(self.url, timeout=5) as client:
+                while True:
+                    try:
+                        client.wait_ready(timeout=min(1.0, deadline - time.monotonic()))
+                        return self
+                    except TimeoutError as exc:
+                        if self.proc.poll() is not None:
+                            raise RuntimeError(f"the service exited (code {self.proc.returncode}) before it "
+                                               f"was ready") from exc
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError(f"the service at {self.url} was not ready within 120 s") from exc
+        except BaseException:
+            self.__exit__()  # `with` does not call __exit__ when __enter__ fails
+            raise
 
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGTERM)  # uvicorn shuts down gracefully on SIGTERM
@@ -359,17 +366,18 @@ def main(argv: list[str] | None = None) -> int:
         ok = targets[k] >= targets[f"{k}_target"]
         print(f"target at {top} clients: {k.replace('_', ' ')} {targets[k]:.2f} (≥ {targets[f'{k}_target']}): "
               f"{'met' if ok else 'MISSED'}")
-    load_avg = os.getloadavg()
-    print(f"{os.cpu_count()} CPUs, load average {load_at_start[0]:.2f} at the start, {load_avg[0]:.2f} at the end; "
-          f"total {time.perf_counter() - t_start:.0f} s")
-
     import fastapi
     import httpx
     import uvicorn
 
-    record = {
-        "benchmark": "serve",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    machine = {**machine_info(ref["device"]),
+               "load_average_1_5_15min_at_start": load_at_start,
+               "numpy_version": np.__version__, "fastapi_version": fastapi.__version__,
+               "uvicorn_version": uvicorn.__version__, "httpx_version": httpx.__version__}
+    print(f"{machine['cpus']} CPUs, load average {load_at_start[0]:.2f} at the start, "
+          f"{machine['load_average_1_5_15min'][0]:.2f} at the end; total {time.perf_counter() - t_start:.0f} s")
+
+    write_results("serve", {
         "data": str(data),
         "models": "trained by the benchmark (DG-Net small preset, small_cnn, 2 iterations)" if trained
                   else str(args.models),
@@ -379,25 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_level": args.seconds, "max_requests_per_level": args.max_requests,
         "offline": ref, "service": service, "ratios_by_clients": ratios, "targets": targets,
         "training_seconds": train_s if trained else None,
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads,
-            "device": ref["device"],
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "load_average_1_5_15min": list(load_avg),  # other processes compete for the CPU
-            "load_average_1_5_15min_at_start": load_at_start,
-            "torch_version": torch.__version__,
-            "numpy_version": np.__version__,
-            "fastapi_version": fastapi.__version__,
-            "uvicorn_version": uvicorn.__version__,
-            "httpx_version": httpx.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        "machine": machine,
+    }, path=args.out)
     return 0
 
 

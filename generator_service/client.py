@@ -5,6 +5,8 @@
         pictures = [decode_b64(im.image) for im in result.images]    # PIL images
         sheet = client.swap_image(["a.jpg"], ["b.jpg"], mode="grid")  # one PIL image
 
+    ServiceClient(url).wait_ready(timeout=120)  # a service just started: until its models are warm
+
 Images may be given as paths, raw encoded bytes or PIL images. Errors come back as
 `ServiceError` with the server's status, code and message (and Retry-After for 503s).
 It needs httpx and Pillow, not torch.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -152,6 +155,35 @@ class ServiceClient:
         """Readiness (a not-ready server answers 503 with the same body: no exception)."""
         return ReadyResponse.model_validate_json(self._http.get("/v1/readyz").content)
 
+    def wait_ready(self, timeout: float = 60.0, interval: float = 0.1) -> ReadyResponse:
+        """Poll /v1/readyz every ``interval`` seconds until it answers 200, and return that answer.
+
+        No answer (connection refused: the server is still starting) and 503 "loading" count as
+        "not yet"; after ``timeout`` seconds, `TimeoutError` names the URL and the last status or
+        error seen. A 503 "failed" (warm-up failed: the server will not become ready by itself)
+        or any other error status raises `ServiceError` at once rather than waiting it out.
+        """
+        url = self._http.build_request("GET", "/v1/readyz").url
+        limit = self._http.timeout.read  # the client's own bound on one request (None: none)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                # A probe never outlives the deadline, so a hung connection cannot overrun it.
+                response = self._http.get("/v1/readyz", timeout=max(0.01, min(remaining, limit or remaining)))
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                if response.status_code == 200:
+                    return ReadyResponse.model_validate_json(response.content)
+                if response.status_code != 503:
+                    self._check(response)  # raises for 4xx/5xx: waiting would not fix a wrong URL or a crash
+                last = _not_ready(response)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{url} was not ready after {timeout:g} s (last: {last})")
+            time.sleep(min(interval, remaining))
+
     def metrics(self) -> str:
         return self._check(self._http.get("/v1/metrics")).text
 
@@ -160,3 +192,16 @@ def _picture(response: httpx.Response) -> Image.Image:
     with Image.open(io.BytesIO(response.content)) as im:
         im.load()
         return im.copy()
+
+
+def _not_ready(response: httpx.Response) -> str:
+    """What a not-yet-ready answer of /v1/readyz said; `ServiceError` if warm-up failed."""
+    if response.status_code != 503:
+        return f"HTTP {response.status_code}"
+    try:
+        body = ReadyResponse.model_validate_json(response.content)
+    except ValueError:  # a 503 that is not the service's own (a proxy in front of it, say)
+        return f"HTTP 503: {response.text[:200]}"
+    if body.status == "failed":
+        raise ServiceError(503, "not_ready", body.detail or "warm-up failed")
+    return f"HTTP 503 {body.status}" + (f" ({body.detail})" if body.detail else "")

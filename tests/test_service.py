@@ -151,6 +151,11 @@ def test_models_health_and_readiness(server):
     assert sum(m.default for m in info.models if m.kind == "dgnet") == 1
     assert info.presets["dgnet"] == ["paper", "small"] and info.engine.device == "cpu"
     assert info.limits.max_images == 6 and info.limits.auth is False
+    with ServiceClient(server.url) as client:
+        assert client.wait_ready(timeout=5).ready is True
+    with ServiceClient(f"http://127.0.0.1:{free_port()}") as client, \
+            pytest.raises(TimeoutError, match="not ready after 0.3 s .last: ConnectError"):
+        client.wait_ready(timeout=0.3)  # nothing listens there
 
 
 def test_swap_json_pairs_grid_and_png(server, trained):
