@@ -73,6 +73,18 @@ def _add_reid_training_args(p: argparse.ArgumentParser) -> None:
     y.add_argument("--fine-weight", type=float, help="weight of L_fine (0.4 = 0.2·λ_prim)")
 
 
+def _add_gan_run_options(g: argparse._ArgumentGroup) -> None:
+    """How a GAN run runs (train-dgnet, train-crgan): seed, hardware, checkpoints, grids."""
+    g.add_argument("--seed", type=int)
+    g.add_argument("--workers", type=int, help="data loader processes")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="disable bf16 autocast on CUDA")
+    g.add_argument("--checkpoint-every", type=int, metavar="ITERS", help="save checkpoints/last.pt every N iterations")
+    g.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep step_N.pt snapshots")
+    g.add_argument("--grid-every", type=int, metavar="ITERS", help="write an image grid every N iterations")
+    g.add_argument("--max-steps", type=int, help="stop after this many iterations (the schedule keeps --iterations)")
+
+
 def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
     out = {}
     for name in names:
@@ -169,14 +181,27 @@ def cmd_train_crgan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_swap_grid(args: argparse.Namespace) -> int:
+def _pick_people(data: str, split: str, count: int, seed: int) -> list[str]:
+    """One image each of ``count`` distinct identities of a split, picked at random (seeded)."""
     import random
 
-    from generator_service.dgnet import DGNet
-    from generator_service.images import load_batch
-    from generator_service.swap_grid import interpolation_strip, swap_grid
     from reidgen.market import scan_split
     from reidgen.paths import resolve_data
+
+    by_id: dict[int, list[str]] = {}
+    for it in scan_split(resolve_data(data), split):
+        if it.pid > 0:
+            by_id.setdefault(it.pid, []).append(it.path)
+    if len(by_id) < count:
+        raise ReidgenError(f"the {split} split of {data} has {len(by_id)} identities; {count} are needed")
+    rng = random.Random(seed)
+    return [rng.choice(by_id[i]) for i in rng.sample(sorted(by_id), count)]
+
+
+def cmd_swap_grid(args: argparse.Namespace) -> int:
+    from generator_service.dgnet import DGNet
+    from generator_service.grids import interpolation_strip, swap_grid
+    from generator_service.images import load_batch
 
     model, _ = DGNet.from_checkpoint(args.checkpoint)
     size = model.cfg.image_size
@@ -185,16 +210,7 @@ def cmd_swap_grid(args: argparse.Namespace) -> int:
     else:
         if not args.data:
             raise ReidgenError("give --data (images are picked from it) or --appearance-images and --structure-images")
-        items = [it for it in scan_split(resolve_data(args.data), args.split) if it.pid > 0]
-        rng = random.Random(args.seed)
-        by_id: dict[int, list[str]] = {}
-        for it in items:
-            by_id.setdefault(it.pid, []).append(it.path)
-        wanted = args.appearance + args.structure
-        if len(by_id) < wanted:
-            raise ReidgenError(f"{args.split} of {args.data} has {len(by_id)} identities; {wanted} are needed")
-        ids = rng.sample(sorted(by_id), wanted)  # distinct people in every row and column
-        paths = [rng.choice(by_id[i]) for i in ids]
+        paths = _pick_people(args.data, args.split, args.appearance + args.structure, args.seed)  # distinct people
         app_paths, str_paths = paths[:args.appearance], paths[args.appearance:]
     appearance, structure = load_batch(app_paths, size), load_batch(str_paths, size)
     out = Path(args.out)
@@ -205,6 +221,28 @@ def cmd_swap_grid(args: argparse.Namespace) -> int:
         interpolation_strip(model, appearance[0], appearance[-1] if len(appearance) > 1 else structure[0],
                             steps=args.steps).save(args.interpolation_out)
         print(f"interpolation strip: {args.interpolation_out} (row 1: appearance, row 2: structure)")
+    return 0
+
+
+def cmd_render_grid(args: argparse.Namespace) -> int:
+    from generator_service.engine import Engine
+    from generator_service.grids import render_grid
+
+    sources = args.source_images or (_pick_people(args.source, args.source_split, args.sources, args.seed)
+                                     if args.source else None)
+    targets = args.target_images or (_pick_people(args.target, args.target_split, args.targets, args.seed + 1)
+                                     if args.target else None)
+    if not sources or not targets:
+        raise ReidgenError("give --source (or --source-images) and --target (or --target-images)")
+    engine = Engine.from_checkpoint(args.checkpoint, args.device, mask_provider=args.masks)
+    (name,) = engine.models
+    if engine.models[name].kind != "crgan":
+        raise ReidgenError(f"{args.checkpoint} is not a CR-GAN checkpoint (reidgen train-crgan makes one)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_grid(engine, name, sources, targets, context_masks=args.context_masks).save(out)
+    print(f"rendering grid: {out} (rows: source persons, columns: target contexts"
+          f"{'; under each row its context masks' if args.context_masks else ''})")
     return 0
 
 
@@ -437,15 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it (reference code)")
     g.add_argument("--cycle-max", type=float, help="weight of the reference code's cycle loss after the ramp (0)")
     g.add_argument("--adv", type=float, help="weight of G's adversarial loss (1; reference code 2)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--workers", type=int)
-    g.add_argument("--device")
-    g.add_argument("--no-amp", dest="amp", action="store_false", default=None)
-    g.add_argument("--checkpoint-every", type=int, metavar="ITERS")
-    g.add_argument("--keep-checkpoints", action="store_true", default=None)
-    g.add_argument("--grid-every", type=int, metavar="ITERS", help="write an image grid every N iterations")
-    g.add_argument("--max-steps", type=int, help="stop after this many iterations")
-    g.add_argument("--strict-images", action="store_true", default=None)
+    _add_gan_run_options(g)
+    g.add_argument("--strict-images", action="store_true", default=None,
+                   help="stop at the first unreadable image instead of skipping it")
     p.set_defaults(func=cmd_train_dgnet)
 
     p = sub.add_parser("train-crgan", help="train CR-GAN: render source persons into target-domain contexts",
@@ -471,14 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cam-epochs", type=int, help="epochs of D_cam pre-training")
     g.add_argument("--no-dual-condition", dest="dual_condition", action="store_false", default=None,
                    help="the paper's 'w/o dual condition' ablation: the generator sees only the source")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--workers", type=int)
-    g.add_argument("--device")
-    g.add_argument("--no-amp", dest="amp", action="store_false", default=None)
-    g.add_argument("--checkpoint-every", type=int, metavar="ITERS")
-    g.add_argument("--keep-checkpoints", action="store_true", default=None)
-    g.add_argument("--grid-every", type=int, metavar="ITERS")
-    g.add_argument("--max-steps", type=int)
+    _add_gan_run_options(g)
     p.set_defaults(func=cmd_train_crgan)
 
     p = sub.add_parser("swap-grid", help="PNG of appearance × structure swaps (paper Fig. 1), interpolation strip",
@@ -497,6 +522,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation-out", metavar="PNG", help="also write an interpolation strip (Figs. 5, 9)")
     p.add_argument("--steps", type=int, default=8, help="interpolation steps")
     p.set_defaults(func=cmd_swap_grid)
+
+    p = sub.add_parser("render-grid", help="PNG of source persons rendered into target contexts by CR-GAN",
+                       description="Rows: source persons (first column, real); columns: target-domain images "
+                                   "(first row, real); each cell the row's person rendered into the column's "
+                                   "context. Images are picked at random from distinct identities, or given.")
+    p.add_argument("--checkpoint", required=True, help="CR-GAN checkpoint or run folder")
+    p.add_argument("--source", help="source data set to pick persons from")
+    p.add_argument("--target", help="target data set to pick contexts from")
+    p.add_argument("--source-split", default="query", choices=["train", "query", "gallery"])
+    p.add_argument("--target-split", default="train", choices=["train", "query", "gallery"])
+    p.add_argument("--sources", type=int, default=4, help="number of source persons (rows)")
+    p.add_argument("--targets", type=int, default=6, help="number of target images (columns)")
+    p.add_argument("--source-images", nargs="+", metavar="IMG")
+    p.add_argument("--target-images", nargs="+", metavar="IMG")
+    p.add_argument("--context-masks", action="store_true", help="add a row of context masks under each row")
+    p.add_argument("--masks", choices=["pose", "selfie", "geometric"],
+                   help="target person-mask provider (default: the one the model was trained with)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.set_defaults(func=cmd_render_grid)
 
     p = sub.add_parser("masks", help="person masks for CR-GAN (TFLite segmenter, a folder of masks, or a prior)",
                        description="Compute person masks (1 = person) for the images of a data set, cached as PNGs "

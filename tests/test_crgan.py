@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_market_subset
+from PIL import Image
 
 from generator_service.crgan import ContextRenderer
 from generator_service.crgan_nets import (
@@ -17,6 +19,7 @@ from generator_service.crgan_nets import (
     compose,
     mask_person,
 )
+from reidgen.cli import main
 from reidgen.errors import ReidgenError
 from trainer.runlog import read_jsonl
 from trainer.train_crgan import CRGANTrainer, crgan_preset_config, train_crgan
@@ -123,4 +126,19 @@ def test_online_render_fine_tuning(crgan_run, domains, id_model, tmp_path):
     train_reid(cfg, tmp_path, progress=False)
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
-    assert any((tmp_path / "masks" / "target").iterdir())
+    # Same target as the CR-GAN run: its cached person masks are reused, not computed again.
+    assert not (tmp_path / "masks").exists() and any((crgan_run / "masks" / "target").iterdir())
+
+
+def test_render_grid_command(crgan_run, domains, id_model, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    args = ["render-grid", "--checkpoint", str(crgan_run), "--source", str(domains[0]), "--source-split", "train",
+            "--target", str(domains[1]), "--sources", "2", "--targets", "3", "--device", "cpu", "--out", str(out)]
+    assert main(args + ["--context-masks"]) == 0
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    # a header row of targets, then per source a row of renderings and a row of context masks
+    assert grid.shape == (5 * (128 + 2) + 2, 4 * (64 + 2) + 2, 3)
+    mask_cell = grid[2 + 2 * 130:2 + 2 * 130 + 128, 2 + 66:2 + 66 + 64]
+    assert np.ptp(mask_cell, axis=2).max() <= 2  # the context mask is drawn in grey
+    assert main(args[:2] + [str(id_model)] + args[3:]) == 2
+    assert "CR-GAN checkpoint is needed" in capsys.readouterr().err

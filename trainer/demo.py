@@ -73,7 +73,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage; returns the path of the HTML report."""
     from generator_service.dgnet import DGNet
     from generator_service.images import load_batch
-    from generator_service.swap_grid import interpolation_strip, swap_grid
+    from generator_service.grids import interpolation_strip, swap_grid
     from worker.run import run_job
     from worker.shards import contact_sheet, verify
 

@@ -18,6 +18,16 @@ from trainer.data import MaskedImageDataset, endless_batches, epoch_loader
 from trainer.samplers import RandomBatchSampler
 
 
+def crgan_mask_cache(crgan_checkpoint: str, train_config: dict, target: str) -> Path | None:
+    """The CR-GAN run's own cache of the target's person masks, when fine-tuning renders into the
+    same target data set (same provider, same files): 20k masks are minutes of CPU not to redo."""
+    if Path(train_config["target"]).resolve() != Path(target).resolve():
+        return None
+    root = Path(train_config["mask_cache"]) if train_config["mask_cache"] else \
+        Path(crgan_checkpoint).resolve().parent.parent / "masks"  # RUN/checkpoints/last.pt → RUN/masks
+    return root / "target" if (root / "target").is_dir() else None
+
+
 class RenderFeed:
     def __init__(self, crgan_checkpoint: str, target: str, device: torch.device, batch_size: int, seed: int,
                  workers: int, start_step: int, mask_cache: str | Path, progress: bool = True):
@@ -26,7 +36,8 @@ class RenderFeed:
         opts = {"model_path": cfg["mask_model"]} if cfg["mask_model"] and cfg["masks"] in ("pose", "selfie") else {}
         provider = build_mask_provider(cfg["masks"], **opts)
         items = scan_split(target, "train")
-        cache, done = ensure_masks(provider, items, mask_cache, progress=progress)
+        cache, done = ensure_masks(provider, items, crgan_mask_cache(crgan_checkpoint, cfg, target) or mask_cache,
+                                   progress=progress)
         kept = set(done)
         items = [it for it in items if it.path in kept]
         self.dataset = MaskedImageDataset(items, cache, self.renderer.image_size, [-1] * len(items), [-1] * len(items))
