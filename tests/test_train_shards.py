@@ -87,18 +87,28 @@ def _steps(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
-def test_train_reid_on_real_plus_shards(tiny_dgnet, shards, tmp_path):
+def test_train_reid_on_real_plus_shards_and_exact_resume(tiny_dgnet, shards, tmp_path):
     run = tmp_path / "run"
     assert main(["train-reid", "--real", str(tiny_dgnet["data"]), "--shards", str(shards), "--preset", "tiny",
-                 "--out", str(run), "--max-steps", "3", "--batch-size", "8", "--synthetic-ratio", "0.5",
-                 "--workers", "1", "--no-eval", "--device", "cpu"]) == 0
+                 "--out", str(run), "--max-steps", "4", "--batch-size", "8", "--synthetic-ratio", "0.5",
+                 "--checkpoint-every", "2", "--keep-checkpoints", "--workers", "1", "--no-eval",
+                 "--device", "cpu"]) == 0
     steps = _steps(run)
-    assert len(steps) == 3
+    assert len(steps) == 4
     for s in steps:
         assert s["synthetic"] == 4 and s["loss_prim"] > 0 and s["loss_fine"] > 0 and 0 <= s["data_wait_s"] <= s["step_s"]
         assert s["loss"] == pytest.approx(s["loss_id"] + 2.0 * s["loss_prim"] + 0.4 * s["loss_fine"], rel=1e-4)
     ckpt = load_checkpoint(run, "reid")
     assert "fine_head" in ckpt and ckpt["train_config"]["shards"] == [str(shards.resolve())]
+
+    # Resumed at step 2, the same real and synthetic samples come back: the same losses follow.
+    resumed = tmp_path / "resumed"
+    assert main(["train-reid", "--resume", str(run / "checkpoints" / "step_0000002.pt"), "--out", str(resumed)]) == 0
+    again = _steps(resumed)
+    assert [s["step"] for s in again] == [3, 4]
+    for s, ref in zip(again, steps[2:]):
+        for key in ("loss", "loss_id", "loss_prim", "loss_fine"):
+            assert s[key] == pytest.approx(ref[key], rel=1e-5), (s["step"], key)
 
 
 def test_train_reid_with_online_generator(tiny_dgnet, tmp_path):
