@@ -121,7 +121,7 @@ def test_online_render_fine_tuning(crgan_run, domains, id_model, tmp_path):
     renderer = ContextRenderer(crgan_run / "checkpoints" / "last.pt")
     assert renderer.image_size == (128, 64)
     cfg = preset_config("tiny", data=str(domains[0]), init=str(id_model), target=str(domains[1]),
-                        online_render=str(crgan_run / "checkpoints" / "last.pt"), max_steps=4, workers=0,
+                        online_render=str(crgan_run), max_steps=4, workers=0,  # a run folder works too
                         evaluate=False)
     train_reid(cfg, tmp_path, progress=False)
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from generator_service.checkpoint import resolve_checkpoint
 from generator_service.crgan import ContextRenderer
 from generator_service.masks import build_mask_provider, ensure_masks
 from reidgen.market import scan_split
@@ -20,11 +21,11 @@ from trainer.samplers import RandomBatchSampler
 
 def crgan_mask_cache(crgan_checkpoint: str, train_config: dict, target: str) -> Path | None:
     """The CR-GAN run's own cache of the target's person masks, when fine-tuning renders into the
-    same target data set (same provider, same files): 20k masks are minutes of CPU not to redo."""
+    same target data set (same provider, same files): thousands of masks, minutes of CPU not to redo."""
     if Path(train_config["target"]).resolve() != Path(target).resolve():
         return None
     root = Path(train_config["mask_cache"]) if train_config["mask_cache"] else \
-        Path(crgan_checkpoint).resolve().parent.parent / "masks"  # RUN/checkpoints/last.pt → RUN/masks
+        resolve_checkpoint(crgan_checkpoint).resolve().parent.parent / "masks"  # RUN/checkpoints/last.pt → RUN/masks
     return root / "target" if (root / "target").is_dir() else None
 
 
