@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= market1501_mini
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-eval bench-dgnet bench-serve bench-generate bench-loader clean
+.PHONY: install demo test bench bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,19 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # Benchmarks write JSON to bench/results/; run them on an otherwise idle machine.
-bench: bench-eval bench-dgnet bench-serve bench-generate bench-loader
+bench: bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader
 
 bench-eval: install
 	$(BIN)/python bench/eval_speed.py
 
 bench-dgnet: install
 	$(BIN)/python bench/dgnet_speed.py
+
+bench-crgan: install
+	$(BIN)/python bench/crgan_speed.py
+
+bench-masks: install
+	$(BIN)/python bench/masks_speed.py
 
 bench-serve: install
 	$(BIN)/python bench/serve.py
