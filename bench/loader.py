@@ -73,7 +73,6 @@ def main() -> int:
     import torch
 
     from api_schemas.jobs import JobSpec
-    from generator_service.images import eval_transform
     from reidgen.cli import main as cli
     from reidgen.market import Item, LabelMap, scan_split
     from reidgen.paths import resolve_data
