@@ -27,17 +27,6 @@ sys.path.insert(0, str(REPO))
 from bench.common import write_results  # noqa: E402
 
 
-def subset(src: Path, dst: Path, ids: int) -> Path:
-    """The first ``ids`` identities of the train split, as symlinks (the data is never copied)."""
-    (dst / "bounding_box_train").mkdir(parents=True)
-    files = sorted((src / "bounding_box_train").iterdir())
-    keep = sorted({f.name.split("_")[0] for f in files if not f.name.startswith("-1")})[:ids]
-    for f in files:
-        if f.name.split("_")[0] in keep:
-            (dst / "bounding_box_train" / f.name).symlink_to(f.resolve())
-    return dst
-
-
 def loader_rate(dataset, batch: int, workers: int, epochs: int) -> float:
     import torch
     from torch.utils.data import DataLoader
@@ -74,7 +63,7 @@ def main() -> int:
 
     from api_schemas.jobs import JobSpec
     from reidgen.cli import main as cli
-    from reidgen.market import Item, LabelMap, scan_split
+    from reidgen.market import Item, LabelMap, link_subset, scan_split
     from reidgen.paths import resolve_data
     from trainer.data import ImageDataset
     from trainer.runlog import read_jsonl
@@ -87,7 +76,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = subset(resolve_data(args.data), root / "data", args.ids)
+        data = link_subset(resolve_data(args.data), root / "data", args.ids, splits=("train",))
         label_map = LabelMap.from_items(scan_split(data, "train"))
         teacher = train_reid(preset_config("tiny", data=str(data), max_steps=2, workers=0, evaluate=False),
                              root / "teacher", progress=False)

@@ -51,18 +51,12 @@ N_IMAGES = 64  # distinct real pictures the requests cycle through
 # -- the model ------------------------------------------------------------------------------------
 def train_models(data: Path, root: Path) -> Path:
     """A models directory with one DG-Net run, trained like tests/test_service.py's fixture."""
+    from reidgen.market import link_subset
     from trainer.train_dgnet import dgnet_preset_config, train_dgnet
     from trainer.train_reid import preset_config, train_reid
 
     # Symlinks to the first 4 identities: a short epoch for the teacher, no image copied.
-    src = root / "src"
-    for split in ("bounding_box_train", "query", "bounding_box_test"):
-        (src / split).mkdir(parents=True)
-        files = sorted((data / split).iterdir())
-        keep = sorted({f.name.split("_")[0] for f in files if not f.name.startswith("-1")})[:4]
-        for f in files:
-            if f.name.split("_")[0] in keep:
-                (src / split / f.name).symlink_to(f)
+    src = link_subset(data, root / "src", ids=4)
     teacher = train_reid(preset_config("tiny", data=str(src), epochs=1, workers=0, evaluate=False),
                          root / "teacher", progress=False)
     models = root / "models"

@@ -86,6 +86,22 @@ def scan_split(root: str | Path, split: str, *, keep_junk: bool | None = None) -
     return items
 
 
+def link_subset(src: str | Path, dst: str | Path, ids: int, splits: tuple[str, ...] = tuple(SPLITS)) -> Path:
+    """A Market-style folder of symlinks to the images of the first ``ids`` identities (by id,
+    junk excluded) of each of ``splits`` of ``src``: small data sets for tests and benchmarks,
+    with no image copied."""
+    src, dst = Path(src), Path(dst)
+    for split in splits:
+        folder = SPLITS[split]
+        (dst / folder).mkdir(parents=True, exist_ok=True)
+        files = sorted((src / folder).iterdir())
+        keep = sorted({f.name.split("_")[0] for f in files if not f.name.startswith("-1")})[:ids]
+        for f in files:
+            if f.name.split("_")[0] in keep:
+                (dst / folder / f.name).symlink_to(f.resolve())
+    return dst
+
+
 @dataclass(frozen=True)
 class LabelMap:
     """Sorted person ids → class indices 0..K-1.

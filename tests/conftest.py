@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reidgen.market import link_subset
 from reidgen.paths import data_root
 
 # Tests must not oversubscribe the 2 CI cores with data-loader processes.
@@ -41,18 +42,6 @@ def cuhk_mini() -> Path:
     return _dataset("cuhk03_mini")
 
 
-def make_market_subset(src: Path, dst: Path, ids: int, per_split: dict[str, int] | None = None) -> Path:
-    """A Market-style folder of symlinks to the first ``ids`` identities of each split of ``src``."""
-    for split in ("bounding_box_train", "query", "bounding_box_test"):
-        (dst / split).mkdir(parents=True, exist_ok=True)
-        files = sorted((src / split).iterdir())
-        keep = sorted({f.name.split("_")[0] for f in files if not f.name.startswith("-1")})[:ids]
-        for f in files:
-            if f.name.split("_")[0] in keep:
-                (dst / split / f.name).symlink_to(f)
-    return dst
-
-
 @pytest.fixture(scope="session")
 def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
     """A real DG-Net checkpoint and its teacher from a few iterations on 4 identities of
@@ -65,7 +54,7 @@ def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny_dgnet")
-    data = make_market_subset(market_mini, root / "data", ids=4)
+    data = link_subset(market_mini, root / "data", ids=4)
     teacher = train_reid(preset_config("tiny", data=str(data), epochs=1, workers=0, evaluate=False),
                          root / "teacher", progress=False)
     dgnet = train_dgnet(dgnet_preset_config("small", data=str(data), teacher=str(teacher), backbone="small_cnn",

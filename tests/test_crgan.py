@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import make_market_subset
+from reidgen.market import link_subset
 from PIL import Image
 
 from generator_service.crgan import ContextRenderer
@@ -59,8 +59,8 @@ def test_shape_contracts(preset):
 @pytest.fixture(scope="module")
 def domains(market_mini, cuhk_mini, tmp_path_factory):
     root = tmp_path_factory.mktemp("domains")
-    source = make_market_subset(market_mini, root / "source", ids=15)
-    return source, make_market_subset(cuhk_mini, root / "target", ids=30)
+    source = link_subset(market_mini, root / "source", ids=15)
+    return source, link_subset(cuhk_mini, root / "target", ids=30)
 
 
 @pytest.fixture(scope="module")

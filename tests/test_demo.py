@@ -5,7 +5,7 @@ import base64
 import re
 
 import pytest
-from conftest import make_market_subset
+from reidgen.market import link_subset
 
 from api_schemas.evaluation import EvaluationReport
 from reidgen.cli import main
@@ -15,7 +15,7 @@ from trainer.demo import DemoConfig, demo_checkpoints, run_demo
 @pytest.fixture(scope="module")
 def demo_run(market_mini, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    data = make_market_subset(market_mini, root / "data", ids=10)
+    data = link_subset(market_mini, root / "data", ids=10)
     out = root / "run"
     report = run_demo(DemoConfig(data=str(data), out=str(out), epochs=1, dgnet_iterations=4, records=32,
                                  shard_size=16, workers=0, device="cpu"))

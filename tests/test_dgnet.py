@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_market_subset
+from reidgen.market import link_subset
 from PIL import Image
 
 from generator_service.dgnet import DGNET_PRESETS, DGNet
@@ -42,7 +42,7 @@ def test_paper_preset_shape_contract():
 
 @pytest.fixture(scope="module")
 def data20(market_mini, tmp_path_factory):
-    return make_market_subset(market_mini, tmp_path_factory.mktemp("m20"), ids=20)
+    return link_subset(market_mini, tmp_path_factory.mktemp("m20"), ids=20)
 
 
 @pytest.fixture(scope="module")

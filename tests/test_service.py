@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from conftest import make_market_subset
+from reidgen.market import link_subset
 from PIL import Image
 
 from api_schemas.service import (
@@ -54,8 +54,8 @@ def trained(market_mini, cuhk_mini, tmp_path_factory):
     """A models directory with a DG-Net and a CR-GAN run (a few iterations each: the service
     needs real checkpoints, not good ones), a DG-Net file link and a re-id teacher (skipped)."""
     root = tmp_path_factory.mktemp("service")
-    src = make_market_subset(market_mini, root / "src", ids=4)
-    tgt = make_market_subset(cuhk_mini, root / "tgt", ids=4)
+    src = link_subset(market_mini, root / "src", ids=4)
+    tgt = link_subset(cuhk_mini, root / "tgt", ids=4)
     teacher = train_reid(preset_config("tiny", data=str(src), epochs=1, workers=0, evaluate=False),
                          root / "teacher", progress=False)
     models = root / "models"

@@ -191,12 +191,12 @@ def test_crgan_render_job(tiny_dgnet, cuhk_mini, tmp_path):
     """CR-GAN renders (source × target instances) through the same engine and shard format."""
     from dataclasses import replace
 
-    from conftest import make_market_subset
+    from reidgen.market import link_subset
 
     from generator_service.crgan_nets import CRGAN_PRESETS
     from trainer.train_crgan import crgan_preset_config, train_crgan
 
-    target = make_market_subset(cuhk_mini, tmp_path / "target", ids=2)
+    target = link_subset(cuhk_mini, tmp_path / "target", ids=2)
     model = replace(CRGAN_PRESETS["small"], base_channels=12, dis_channels=16, cam_channels=(8, 16, 32, 32))
     crgan = train_crgan(crgan_preset_config("small", source=str(tiny_dgnet["data"]), target=str(target),
                                             id_model=str(tiny_dgnet["teacher"]), model=model, masks="geometric",

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_market_subset
+from reidgen.market import link_subset
 
 from generator_service.checkpoint import load_checkpoint, save_checkpoint
 from reidgen.cli import main
@@ -26,7 +26,7 @@ def tiny_config(data, **kw):
 @pytest.fixture(scope="module")
 def small_market(market_mini, tmp_path_factory):
     """20 identities of market1501_mini (symlinks): quick to train and to evaluate."""
-    return make_market_subset(market_mini, tmp_path_factory.mktemp("market20"), ids=20)
+    return link_subset(market_mini, tmp_path_factory.mktemp("market20"), ids=20)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_evaluate_cli_table_and_json(trained_run, small_market, capsys):
 
 
 def test_unreadable_images_are_skipped_and_reported(small_market, tmp_path, capsys):
-    data = make_market_subset(small_market, tmp_path / "data", ids=20)
+    data = link_subset(small_market, tmp_path / "data", ids=20)
     victim = sorted((data / "bounding_box_train").iterdir())[3]
     victim.unlink()
     victim.write_bytes(b"\xff\xd8 truncated jpeg")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_market_subset
+from reidgen.market import link_subset
 from torch.utils.data import DataLoader
 
 from generator_service.checkpoint import load_checkpoint
@@ -75,7 +75,7 @@ def test_corrupted_record_is_detected_by_the_data_set(tiny_dgnet, shards, tmp_pa
 
 
 def test_shards_of_other_identities_are_refused(market_mini, shards, tmp_path):
-    other = make_market_subset(market_mini, tmp_path / "other", ids=3)
+    other = link_subset(market_mini, tmp_path / "other", ids=3)
     with pytest.raises(ReidgenError, match="class lists differ"):
         ShardDataset([shards], eval_transform((128, 64)), label_map_of(other), (128, 64))
     run = tmp_path / "run"
