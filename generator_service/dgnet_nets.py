@@ -167,6 +167,23 @@ def to_grey(x: Tensor) -> Tensor:
     return x.mean(dim=1, keepdim=True)
 
 
+def reference_init(generator: Sequence[nn.Module], discriminator: nn.Module) -> None:
+    """The reference code's initial weights: Kaiming-normal (fan_in) for every convolution and
+    linear layer of E_s and G, N(0, 0.02) for D's, all biases 0; LayerNorm gains uniform(0, 1).
+    (PyTorch's defaults are uniform and several times smaller for the AdaIN MLPs.)"""
+    for module in generator:
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, LayerNorm2d):
+                nn.init.uniform_(m.weight, 0.0, 1.0)
+    for m in discriminator.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -59,6 +59,7 @@ def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
                          root / "teacher", progress=False)
     dgnet = train_dgnet(dgnet_preset_config("small", data=str(data), teacher=str(teacher), backbone="small_cnn",
                                             pretrained="none", workers=0, batch_size=4, grid_every=0, amp=False,
-                                            iterations=2, checkpoint_every=10_000), root / "dgnet", progress=False)
+                                            iterations=2, checkpoint_every=10_000, quality_every=0), root / "dgnet",
+                        progress=False)
     torch.set_num_threads(threads)
     return {"root": root, "data": data, "teacher": teacher, "dgnet": dgnet}

@@ -54,7 +54,7 @@ def teacher(data20, tmp_path_factory):
 
 def dg_config(data, teacher, **kw):
     base = dict(data=str(data), teacher=str(teacher), backbone="small_cnn", pretrained="none", workers=0,
-                batch_size=4, grid_every=0, checkpoint_every=10_000, amp=False)
+                batch_size=4, grid_every=0, checkpoint_every=10_000, amp=False, quality_every=0)
     base.update(kw)
     return dgnet_preset_config("small", **base)
 
@@ -64,7 +64,7 @@ def dg_run(data20, teacher, tmp_path_factory):
     """A real run: small preset networks (light backbone), a few hundred iterations."""
     out = tmp_path_factory.mktemp("dgnet")
     cfg = dg_config(data20, teacher, iterations=240, feed_start=0.5, ramp=0.1, grid_every=120,
-                    checkpoint_every=120, keep_checkpoints=True)
+                    checkpoint_every=120, keep_checkpoints=True, quality_every=60, quality_images=16)
     train_dgnet(cfg, out, progress=False)
     return out
 
@@ -81,6 +81,13 @@ def test_training_reconstructs_better_and_feeds_generated_images(dg_run):
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in steps)
     assert sorted(p.name for p in (dg_run / "grids").iterdir()) == ["step_0000120.png", "step_0000240.png"]
     assert (dg_run / "metrics.png").exists()
+    # Cheap quality figures at the first step and every 60, plotted beside the losses.
+    quality = [r for r in read_jsonl(dg_run / "metrics.jsonl") if r.get("event") == "quality"]
+    assert [r["step"] for r in quality] == [1, 60, 120, 180, 240]
+    assert all(0 <= r["identity_consistency"] <= 1 and r["reconstruction_ssim"] <= 1 for r in quality)
+    assert (dg_run / "quality.png").exists()
+    # The untrained state is kept too when snapshots are kept (the "start" of a comparison).
+    assert (dg_run / "checkpoints" / "step_0000000.pt").exists()
 
 
 def test_resume_equals_uninterrupted(dg_run, tmp_path):

@@ -46,14 +46,16 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_metrics(jsonl: str | Path, png: str | Path, keys: list[str], title: str = "") -> Path:
-    """One panel per key present in the step records, raw values faint and a moving average."""
+def plot_metrics(jsonl: str | Path, png: str | Path, keys: list[str], title: str = "",
+                 event: str = "step") -> Path:
+    """One panel per key present in the records of one kind (``event``; steps by default), raw
+    values faint and a moving average."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_jsonl(jsonl) if r.get("event", "step") == "step"]
+    records = [r for r in read_jsonl(jsonl) if r.get("event", "step") == event]
     keys = [k for k in keys if any(k in r for r in records)]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.2 * max(1, len(keys)), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):

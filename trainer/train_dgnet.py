@@ -1,21 +1,25 @@
 """DG-Net joint training: generative module (E_a, E_s, G, D) and discriminative module (E_a's
 primary and fine-grained heads) learn together; generated images feed E_a online.
 
-One iteration (the paper's eqs. 1-10; a = loader A's batch, b = loader B's, p = same-id positives):
+One iteration (the paper's eqs. 1-10; a = loader A's batch, b = loader B's, p = same-id positives).
+One generator forward serves both steps; [who learns] is the reference code's routing:
 
-    D step:   LSGAN on real (a, b) vs generated G(a_b, s_a), G(a_a, s_b); R1 on real
+    D step:   LSGAN on real (a, b) vs the forward's detached G(a_b, s_a), G(a_a, s_b); R1 on real
     E/G step: L_img1  |x − G(a_x, s_x)|                 self reconstruction
               L_img2  |x − G(a_pos(x), s_x)|            same-id appearance swap
-              L_code  |a_j − E_a(G(a_j, s_i))| + |s_i − E_s(G(a_j, s_i))|
-              L_id^c  CE(prim(G(a_j, s_i)), y_j)        appearance provider's identity
-              L_adv   LSGAN of G
-              L_id^s  CE(prim(x)) on real images (and their positives), random erasing
-              L_prim  KL(teacher(G) ‖ prim(G))          after the warm-up, ramped in
-              L_fine  CE(fine(G(a_j, s_i)), y_i)       structure provider's identity
+              L_code  |a_j − E_a(G(a_j, s_i))| + |s_i − E_s(G(a_j, s_i))|   [G, E_s; targets detached]
+              L_id^c  CE(prim(G(a_j, s_i)), y_j)        appearance provider's identity [G, E_s: frozen E_a]
+              L_adv   LSGAN of G                        [G, E_s]
+              L_id^s  CE(prim(x)) on real images, and on their positives, random erasing [E_a]
+              L_prim  KL(teacher(G) ‖ prim(G))          after the warm-up, ramped in [E_a: detached image]
+              L_fine  CE(fine(G(a_j, s_i)), y_i)       structure provider's identity [E_a: detached image]
+                      + CE(fine(x)) on real images, weight λ_fine [E_a]
               L_cyc   optional (reference code): |x_i − G(E_a(G(a_i,s_j)), E_s(G(a_j,s_i)))|
 
-Iteration counts are fractions of the run (paper: 100K iterations, feeding from 30K with a 4K
-ramp, lr ×0.1 at 60K and 90K), so a short CPU run has the same shape as the paper's.
+Every routing choice and the loss scale (sums over the two loaders, as the reference, or means)
+is a field of `DGNetTrainConfig`, the paper's literal reading included. Iteration counts are
+fractions of the run (paper: 100K iterations, feeding from 30K with a 4K ramp, lr ×0.1 at 60K and
+90K), so a short CPU run has the same shape as the paper's.
 """
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ from generator_service.backbones import BACKBONE_CHANNELS
 from generator_service.checkpoint import load_checkpoint, load_state, save_checkpoint
 from generator_service.device import autocast, pick_device
 from generator_service.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
-from generator_service.dgnet_nets import to_grey
-from generator_service.images import UnreadableImages, image_grid
+from generator_service.dgnet_nets import reference_init, to_grey
+from generator_service.images import UnreadableImages, eval_transform, image_grid
 from generator_service.teacher import Teacher
 from reidgen.config import config_from_dict, config_to_dict, from_preset
 from reidgen.errors import ReidgenError
@@ -65,8 +69,9 @@ class LossWeights:
     img: float = 5.0          # λ_img on L_img1 + L_img2
     code: float = 1.0         # L_code (appearance and structure)
     id_cross: float = 0.5     # λ_id on L_id^c
-    id_self: float = 1.0      # L_id^s
-    adv: float = 1.0          # L_adv (the reference code uses 2 per scale)
+    id_self: float = 1.0      # L_id^s: CE of the primary head on real images
+    id_pos: float = 1.0       # CE of the primary head on the same-identity positives (reference: own term)
+    adv: float = 2.0          # L_adv per D scale (reference code: 2; the paper's eq. 10 reads 1)
     prim_max: float = 2.0     # λ_prim after the ramp
     fine_ratio: float = 0.2   # λ_fine = fine_ratio · λ_prim
     cycle_max: float = 0.0    # reference code: MUNIT-style cycle loss ramped to 2; off in the paper
@@ -79,6 +84,9 @@ class DGNetTrainConfig:
     teacher: str = ""
     model: DGNetConfig = field(default_factory=lambda: DGNET_PRESETS["small"])
     pretrained: str = "imagenet"
+    # Start E_a's backbone from the teacher's (same backbone kind). Off in the paper (ImageNet); the
+    # small preset turns it on so that the appearance code carries identity from the first step.
+    ea_from_teacher: bool = False
     iterations: int = 2000
     batch_size: int = 8               # per loader (two loaders: a and b)
     lr_ea: float = 0.002              # SGD for E_a (heads ×ea_head_lr_mult)
@@ -92,28 +100,45 @@ class DGNetTrainConfig:
     feed_start: float = 0.3           # fraction of the run before L_prim/L_fine start
     ramp: float = 0.04                # fraction of the run over which λ_prim ramps 0 → prim_max
     ramp_code_loss: bool = False      # reference code: L_code also ramps in from feed_start
-    # L_id^c ramps in from feed_start too (paper and reference: on from the start). Measured on CPU
-    # with EfficientNet-Lite0 as E_a: its identity gradient through E_a swamps G's reconstruction
-    # gradient, and L_img1 stays flat; ramped in, G first learns to reconstruct. The small preset
-    # turns it on.
+    # L_id^c ramps in from feed_start too (paper and reference: on from the start).
     ramp_id_cross: bool = False
+    # Which network learns from which loss. The defaults are the reference code's; each True is the
+    # paper read literally (every term of eq. 10 reaches every network it passes through).
+    id_cross_trains_ea: bool = False  # L_id^c: reference = a parameter-frozen copy of E_a judges G's image
+    feed_trains_generator: bool = False  # L_prim/L_fine: reference = on detached generated images
+    structure_target_grad: bool = False  # L_code's structure target s_i: reference = detached
+    # Reference: with this probability the live E_s re-encodes the detached generated image, otherwise a
+    # frozen copy of E_s encodes the live one (0 = always the live E_s on the live image).
+    encode_again_p: float = 0.5
+    fine_on_real: bool = True         # reference: the fine head also learns CE on real images (λ_fine)
+    # Reference: every loss is the sum of its loader-a and loader-b terms; False takes the mean over both.
+    sum_over_loaders: bool = True
+    init: str = "reference"           # reference: Kaiming (G, E_s), N(0, 0.02) (D); or "pytorch" defaults
     weights: LossWeights = field(default_factory=LossWeights)
     erasing_p: float = 0.5            # random erasing on the copies fed to the classifier only
     pad: int = 10
     seed: int = 0
     workers: int = max(0, min(4, (os.cpu_count() or 1) - 1))
     device: str = "auto"
-    amp: bool = True
+    amp: bool = True                  # bf16 autocast on CUDA
+    cpu_bf16: bool = False            # bf16 autocast on the CPU as well (bench/dgnet_speed.py measures it)
     checkpoint_every: int = 500
     keep_checkpoints: bool = False
     grid_every: int = 250
+    quality_every: int = 250          # cheap generation-quality metrics on fixed real images (0 = off)
+    quality_images: int = 64
     max_steps: int = 0
     strict_images: bool = False
 
 
+# The paper preset is the reference code's training. The small preset keeps its routing and initial
+# weights but, measured on CPU (README, "DG-Net choices"): means over the loaders and G's adversarial
+# weight 1 (the reference's sums let D win within a CPU budget), L_id^c ramped in after G reconstructs,
+# and E_a started from the teacher so the appearance code means something from the first step.
 DGNET_TRAIN_PRESETS = {
     "paper": DGNetTrainConfig(model=DGNET_PRESETS["paper"], iterations=100_000, batch_size=8),
-    "small": DGNetTrainConfig(model=DGNET_PRESETS["small"], iterations=2000, batch_size=8, ramp_id_cross=True),
+    "small": DGNetTrainConfig(model=DGNET_PRESETS["small"], iterations=2000, batch_size=8, ramp_id_cross=True,
+                              sum_over_loaders=False, weights=LossWeights(adv=1.0), ea_from_teacher=True),
 }
 
 
@@ -158,6 +183,20 @@ def frozen(*modules: torch.nn.Module):
             p.requires_grad_(True)
 
 
+def frozen_copy(module: torch.nn.Module, *args):
+    """Run ``module`` as a throw-away copy of it would run (the reference deep-copies E_a each
+    iteration): gradients reach the inputs but not the parameters, and the batch-norm statistics
+    this call updates are discarded, so the live network is left exactly as it was."""
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
+    return torch.func.functional_call(module, (params, buffers), args)
+
+
+# The cheap quality figures plotted beside the losses (quality.png).
+QUALITY_CURVES = ("identity_consistency", "structure_identity_share", "reconstruction_ssim",
+                  "reconstruction_l1", "diversity_ssim", "teacher_fd")
+
+
 def ramp_weight(step: int, cfg: DGNetTrainConfig) -> float:
     """0 before feed_start, then linear to 1 over the ramp, 1 after (fractions of the run)."""
     start, length = cfg.feed_start * cfg.iterations, max(1.0, cfg.ramp * cfg.iterations)
@@ -186,6 +225,8 @@ class DGNetTrainer:
 
         torch.manual_seed(cfg.seed)
         self.net = DGNet(cfg.model, len(self.label_map), pretrained="none" if ckpt else cfg.pretrained)
+        if ckpt is None:
+            self._initialise()
         self.net.to(self.device)
         broadcast_parameters(self.net, self.ctx)
         ea = self.net.ea
@@ -219,6 +260,22 @@ class DGNetTrainer:
         self.unreadable = UnreadableImages(strict=cfg.strict_images)
         self.resumed_from = self.step if ckpt is not None else None
 
+    def _initialise(self) -> None:
+        cfg = self.cfg
+        if cfg.init == "reference":
+            reference_init([self.net.es, self.net.dec], self.net.dis)
+        elif cfg.init != "pytorch":
+            raise ReidgenError(f"unknown init {cfg.init!r}; expected reference or pytorch")
+        if cfg.ea_from_teacher:
+            kind = self.teacher.net.config.backbone
+            if kind != cfg.model.backbone:
+                raise ReidgenError(f"E_a cannot start from the teacher: its backbone is {kind}, E_a's is "
+                                   f"{cfg.model.backbone} (use a teacher with the same backbone, or "
+                                   "--no-ea-from-teacher)")
+            state = {k.removeprefix("backbone."): v for k, v in self.teacher.net.state_dict().items()
+                     if k.startswith("backbone.")}
+            load_state(self.net.ea.backbone, state, f"E_a from the teacher's backbone ({cfg.teacher})")
+
     @property
     def optimizers(self):
         return (self.opt_ea, self.opt_gen, self.opt_dis)
@@ -244,82 +301,119 @@ class DGNetTrainer:
         with torch.set_grad_enabled(not self.cfg.model.detach_appearance_code):
             return self.net.ea.code_and_pooled(x)[0]
 
-    def train_step(self, a, b) -> dict[str, float]:
-        cfg, w, net = self.cfg, self.cfg.weights, self.net
-        (xa, ya, pa), (xb, yb, pb) = self._prepare(a, b)
-        n = len(xa)
-        if n < 2:
-            return {}
-        ramp = ramp_weight(self.step, cfg) if cfg.feed else 0.0
-        lam_prim, lam_fine = w.prim_max * ramp, w.prim_max * ramp * w.fine_ratio
-        lam_code = w.code * (ramp_weight(self.step, cfg) if cfg.ramp_code_loss else 1.0)
-        lam_id_cross = w.id_cross * (ramp_weight(self.step, cfg) if cfg.ramp_id_cross else 1.0)
-        lam_cycle = w.cycle_max * ramp_weight(self.step, cfg)
-        logs: dict[str, float] = {}
+    def lambdas(self) -> dict[str, float]:
+        """The loss weights at the current step (ramps included)."""
+        cfg, w = self.cfg, self.cfg.weights
+        ramp = ramp_weight(self.step, cfg)
+        feed = ramp if cfg.feed else 0.0
+        return {
+            "img": w.img, "adv": 1.0, "id_self": w.id_self, "id_pos": w.id_pos,
+            "code": w.code * (ramp if cfg.ramp_code_loss else 1.0),
+            "id_cross": w.id_cross * (ramp if cfg.ramp_id_cross else 1.0),
+            "prim": w.prim_max * feed, "fine": w.prim_max * w.fine_ratio * feed,
+            "fine_real": w.prim_max * w.fine_ratio * feed if cfg.fine_on_real else 0.0,
+            "cycle": w.cycle_max * ramp,
+        }
 
-        # ---- D step: real a, b against cross-identity generations ----
-        with autocast(self.device, cfg.amp):
-            with torch.no_grad():
-                s_real = net.es(to_grey(torch.cat([xa, xb])))
-                c_real = net.ea.code_and_pooled(torch.cat([xa, xb]))[0]
-                fake = net.dec(torch.cat([c_real[n:], c_real[:n]]), s_real)  # (b on a), (a on b)
-            d_adv, r1 = net.dis.d_loss(torch.cat([xa, xb]), fake, r1_weight=w.r1)
+    def generate(self, xa, xb, pa, pb) -> dict[str, torch.Tensor]:
+        """The iteration's one generator forward (it serves the D step and the E/G step): codes,
+        self and positive reconstructions, and the cross-identity images (b's appearance on a's
+        structure, then a's on b's)."""
+        net, n = self.net, len(xa)
+        real = torch.cat([xa, xb])
+        s = net.es(to_grey(real))
+        c = self._codes(torch.cat([xa, xb, pa, pb]))
+        c_self, c_pos = c[:2 * n], c[2 * n:]
+        c_cross = torch.cat([c_self[n:], c_self[:n]])
+        return dict(real=real, s=s, c_cross=c_cross, x_self=net.dec(c_self, s), x_pos=net.dec(c_pos, s),
+                    x_cross=net.dec(c_cross, s))
+
+    def d_losses(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """LSGAN and R1 of D on real images and the (detached) cross-identity images."""
+        k = 2.0 if self.cfg.sum_over_loaders else 1.0
+        d_adv, r1 = self.net.dis.d_loss(real, fake.detach(), r1_weight=self.cfg.weights.r1)
+        return {"d_adv": k * d_adv, "d_r1": k * r1}
+
+    def g_losses(self, gen: dict[str, torch.Tensor], pa, pb, ya, yb) -> dict[str, torch.Tensor]:
+        """Every term of the E_a/E_s/G step, unweighted by λ but summed over the two loaders when
+        the reference's sums are on (a mean over the union of equal halves, times 2). The routing of
+        each term (which networks it may train) is decided here; `lambdas()` weighs them."""
+        cfg, net, lam = self.cfg, self.net, self.lambdas()
+        k = 2.0 if cfg.sum_over_loaders else 1.0
+        real, s, x_cross = gen["real"], gen["s"], gen["x_cross"]
+        labels = torch.cat([ya, yb])
+        y_app = torch.cat([yb, ya])  # identity of the appearance provider of each cross image
+        out: dict[str, torch.Tensor] = {
+            "l_img1": k * F.l1_loss(gen["x_self"], real),
+            "l_img2": k * F.l1_loss(gen["x_pos"], real),
+        }
+        # L_id^c and the appearance half of L_code: E_a judges G's image. Reference: a frozen copy, so
+        # only G and E_s learn; "w/o feed" likewise never lets generated images train E_a.
+        if cfg.id_cross_trains_ea and cfg.feed:
+            c_rec, (logits_cross, _), _ = net.ea(x_cross)
+        else:
+            c_rec, (logits_cross, _), _ = frozen_copy(net.ea, x_cross)
+        out["l_id_cross"] = k * F.cross_entropy(logits_cross.float(), y_app)
+        s_target = s if cfg.structure_target_grad else s.detach()
+        if torch.rand(()).item() < cfg.encode_again_p:
+            s_rec = net.es(to_grey(x_cross.detach()))
+        else:
+            s_rec = frozen_copy(net.es, to_grey(x_cross))
+        out["l_code"] = k * (F.l1_loss(c_rec, gen["c_cross"].detach()) + F.l1_loss(s_rec, s_target))
+        with frozen(net.dis):
+            out["l_adv"] = k * self.cfg.weights.adv * net.dis.g_loss(x_cross)
+
+        # Identity on real images and on their positives, erased copies for the classifier.
+        real_all = torch.cat([real, pa, pb])
+        if self.erase is not None:
+            real_all = torch.stack([self.erase(img) for img in real_all])
+        _, (logits_real, logits_real_fine), _ = net.ea(real_all)
+        n2 = len(real)
+        out["l_id_self"] = k * F.cross_entropy(logits_real[:n2].float(), labels)
+        out["l_id_pos"] = k * F.cross_entropy(logits_real[n2:].float(), labels)
+        if lam["fine_real"] > 0:
+            out["l_fine_real"] = k * F.cross_entropy(logits_real_fine[:n2].float(), labels)
+        self._acc = (logits_real[:n2].argmax(1) == labels).float().mean().item()
+
+        if lam["prim"] > 0:
+            # Feeding: E_a learns the teacher's soft label (primary head) and the structure provider's
+            # identity (fine head) from the generated image. Reference: the image is detached.
+            x_fed = x_cross if cfg.feed_trains_generator else x_cross.detach()
+            _, (logits_prim, logits_fine), _ = net.ea(x_fed)
+            q = self.teacher.soft_labels(x_cross.detach())
+            out["l_prim"] = k * F.kl_div(F.log_softmax(logits_prim.float(), 1), q, reduction="batchmean")
+            out["l_fine"] = k * F.cross_entropy(logits_fine.float(), labels)
+        if lam["cycle"] > 0:
+            n = len(real) // 2
+            recovered = net.dec(torch.cat([c_rec[n:], c_rec[:n]]), s_rec)
+            out["l_cycle"] = k * F.l1_loss(recovered, real)
+        return out
+
+    def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        lam = self.lambdas()
+        weight = {"l_img1": lam["img"], "l_img2": lam["img"], "l_code": lam["code"], "l_id_cross": lam["id_cross"],
+                  "l_adv": lam["adv"], "l_id_self": lam["id_self"], "l_id_pos": lam["id_pos"],
+                  "l_fine_real": lam["fine_real"], "l_prim": lam["prim"], "l_fine": lam["fine"],
+                  "l_cycle": lam["cycle"]}
+        return sum(weight[name] * value for name, value in losses.items())
+
+    def train_step(self, a, b) -> dict[str, float]:
+        net = self.net
+        (xa, ya, pa), (xb, yb, pb) = self._prepare(a, b)
+        if len(xa) < 2:
+            return {}
+        with autocast(self.device, self.cfg.amp, self.cfg.cpu_bf16):
+            gen = self.generate(xa, xb, pa, pb)
+            # D step first, on this forward's detached cross-identity images.
+            d = self.d_losses(gen["real"], gen["x_cross"])
         self.opt_dis.zero_grad(set_to_none=True)
-        (d_adv + r1).float().backward()
+        (d["d_adv"] + d["d_r1"]).float().backward()
         average_gradients(list(net.dis.parameters()), self.ctx)
         self.opt_dis.step()
-        logs.update(d_adv=d_adv.item(), d_r1=r1.item())
 
-        with autocast(self.device, cfg.amp):
-            # ---- E_a / E_s / G step ----
-            real = torch.cat([xa, xb])
-            s = net.es(to_grey(real))
-            c = self._codes(torch.cat([xa, xb, pa, pb]))
-            c_self, c_pos = c[:2 * n], c[2 * n:]
-            labels = torch.cat([ya, yb])
-            c_cross = torch.cat([c_self[n:], c_self[:n]])  # appearance of b on a's structure, and a on b
-            y_app = torch.cat([yb, ya])                    # identity of the appearance provider
-            y_str = labels                                 # identity of the structure provider
-
-            x_self = net.dec(c_self, s)
-            x_pos = net.dec(c_pos, s)
-            x_cross = net.dec(c_cross, s)
-            l_img1 = F.l1_loss(x_self, real)
-            l_img2 = F.l1_loss(x_pos, real)
-
-            # Generated images through E_a: its own parameters learn from them only when feeding.
-            with frozen(net.ea) if not cfg.feed else contextlib.nullcontext():
-                c_rec, pooled = net.ea.code_and_pooled(x_cross)
-                logits_prim, _ = net.ea.head_prim(pooled)
-                logits_fine, _ = net.ea.head_fine(pooled)
-            s_rec = net.es(to_grey(x_cross))
-            l_code = F.l1_loss(c_rec, c_cross.detach()) + F.l1_loss(s_rec, s)
-            l_id_cross = F.cross_entropy(logits_prim.float(), y_app)
-            with frozen(net.dis):
-                l_adv = net.dis.g_loss(x_cross)
-
-            # Identity on real images and their positives, erased copies for the classifier.
-            real_all = torch.cat([real, pa, pb])
-            if self.erase is not None:
-                real_all = torch.stack([self.erase(img) for img in real_all])
-            _, (logits_real, _), _ = net.ea(real_all)
-            l_id_self = F.cross_entropy(logits_real.float(), torch.cat([labels, labels]))
-
-            total = (w.img * (l_img1 + l_img2) + lam_code * l_code + lam_id_cross * l_id_cross
-                     + w.adv * l_adv + w.id_self * l_id_self)
-            if lam_prim > 0:
-                q = self.teacher.soft_labels(x_cross.detach())
-                l_prim = F.kl_div(F.log_softmax(logits_prim.float(), 1), q, reduction="batchmean")
-                l_fine = F.cross_entropy(logits_fine.float(), y_str)
-                total = total + lam_prim * l_prim + lam_fine * l_fine
-                logs.update(l_prim=l_prim.item(), l_fine=l_fine.item())
-            if lam_cycle > 0:
-                # Appearance recovered from x_cross's second half (a on b), structure from its first.
-                recovered = net.dec(torch.cat([c_rec[n:], c_rec[:n]]), s_rec)
-                l_cycle = F.l1_loss(recovered, real)
-                total = total + lam_cycle * l_cycle
-                logs["l_cycle"] = l_cycle.item()
-
+        with autocast(self.device, self.cfg.amp, self.cfg.cpu_bf16):
+            losses = self.g_losses(gen, pa, pb, ya, yb)
+            total = self.weighted_total(losses)
         for opt in (self.opt_ea, self.opt_gen):
             opt.zero_grad(set_to_none=True)
         total.float().backward()
@@ -327,11 +421,12 @@ class DGNetTrainer:
         self.opt_ea.step()
         self.opt_gen.step()
 
-        acc = (logits_real[:2 * n].argmax(1) == labels).float().mean().item()
-        logs.update(total=total.item(), l_img1=l_img1.item(), l_img2=l_img2.item(), l_code=l_code.item(),
-                    l_id_cross=l_id_cross.item(), l_adv=l_adv.item(), l_id_self=l_id_self.item(),
-                    acc_real=acc, lam_prim=lam_prim, lam_fine=lam_fine, lam_id_cross=lam_id_cross)
-        self._last_images = (xa[:4], xb[:4], x_self[:4], x_pos[:4], x_cross[n:n + 4], x_cross[:4])
+        lam = self.lambdas()
+        logs = {name: v.item() for name, v in {**d, **losses}.items()}
+        logs.update(total=total.item(), acc_real=self._acc, lam_prim=lam["prim"], lam_fine=lam["fine"],
+                    lam_id_cross=lam["id_cross"])
+        n, x_cross = len(xa), gen["x_cross"]
+        self._last_images = (xa[:4], xb[:4], gen["x_self"][:4], gen["x_pos"][:4], x_cross[n:n + 4], x_cross[:4])
         return logs
 
     # -- the loop --------------------------------------------------------------------------------
@@ -346,6 +441,8 @@ class DGNetTrainer:
             log = RunLog(out / "metrics.jsonl", resume_step=self.resumed_from)
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="it", dynamic_ncols=True)
         self.net.train()
+        if cfg.keep_checkpoints and self.step == 0:
+            self.save(last)  # the untrained state too: "before" for every later comparison
         batches = self._batches()
         while self.step < total:
             factor = warmup_step_factor(self.step / cfg.iterations, milestones=cfg.milestones, gamma=cfg.gamma)
@@ -359,6 +456,8 @@ class DGNetTrainer:
                 bar.set_postfix(img1=f"{logs['l_img1']:.3f}", d=f"{logs['d_adv']:.2f}", acc=f"{logs['acc_real']:.2f}")
             if cfg.grid_every and self.step % cfg.grid_every == 0 and self.ctx.is_main:
                 self.write_grid()
+            if log is not None and cfg.quality_every and (self.step % cfg.quality_every == 0 or self.step == 1):
+                log.write(step=self.step, event="quality", **self.quality())
             if self.step % cfg.checkpoint_every == 0 or self.step == total:
                 self.save(last)
         bar.close()
@@ -368,11 +467,32 @@ class DGNetTrainer:
                       ranks_in_sync=len(set(sums)) == 1, unreadable=self.unreadable.paths)
             log.close()
             plot_metrics(out / "metrics.jsonl", out / "metrics.png",
-                         ["l_img1", "l_img2", "l_code", "l_id_cross", "l_id_self", "l_adv", "d_adv", "l_prim",
-                          "l_fine", "acc_real"], title=f"train-dgnet {cfg.data}")
+                         ["l_img1", "l_img2", "l_code", "l_id_cross", "l_id_self", "l_id_pos", "l_adv", "d_adv",
+                          "l_prim", "l_fine", "acc_real"], title=f"train-dgnet {cfg.data}")
+            if cfg.quality_every:
+                plot_metrics(out / "metrics.jsonl", out / "quality.png", list(QUALITY_CURVES), event="quality",
+                             title=f"generation quality on {cfg.quality_images} fixed training images")
             self.write_grid()
         shutdown(self.ctx)
         return last
+
+    def quality(self) -> dict[str, float]:
+        """Cheap generation-quality figures on a fixed set of real training images (the same set
+        at every call, so the curve compares like with like)."""
+        from trainer.quality import cheap_quality
+
+        if not hasattr(self, "_quality_batch"):
+            rng = np.random.default_rng(self.cfg.seed)
+            picks = rng.choice(len(self.items), size=min(self.cfg.quality_images, len(self.items)), replace=False)
+            items = [self.items[i] for i in sorted(picks)]
+            images = ImageDataset(items, eval_transform(self.cfg.model.image_size), self.label_map,
+                                  self.cfg.model.image_size)
+            x, y, _, _ = zip(*(images[i] for i in range(len(images))))
+            self._quality_batch = (torch.stack(x).to(self.device), torch.tensor(y, device=self.device))
+        # A forked RNG: measuring must not change the training that follows (exact resume).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                autocast(self.device, self.cfg.amp, self.cfg.cpu_bf16):
+            return cheap_quality(self.net, self.teacher, *self._quality_batch, seed=self.cfg.seed)
 
     def save(self, path: Path) -> None:
         states = gather_objects(rng_state(), self.ctx)  # every rank's, for an exact resume
