@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from generator_service.checkpoint import load_state
+from generator_service.checkpoint import load_state, read_plain
 from generator_service.efficientnet_lite import EfficientNetLite0, bundled_weights_path
 from reidgen.errors import ReidgenError
 
@@ -68,12 +68,14 @@ def _resnet50_imagenet(download: bool) -> dict:
 
     weights = ResNet50_Weights.IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.exists() and not download:
+    if cached.exists():  # torch.hub checks the hash only when it downloads: read the cached file as plain data
+        return read_plain(cached, "ResNet-50 ImageNet weights file")
+    if not download:
         raise ReidgenError(
             f"ResNet-50 ImageNet weights are not at {cached}; pass --pretrained PATH to a local "
             "weights file, or --pretrained imagenet-download to let torchvision download them"
         )
-    return weights.get_state_dict(progress=True, check_hash=True)
+    return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
 
 
 def _load_state(path: str) -> dict:
@@ -82,7 +84,7 @@ def _load_state(path: str) -> dict:
         raise ReidgenError(
             f"pretrained weights file {p} not found; expected none, imagenet, imagenet-download or a path"
         )
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    state = read_plain(p, "pretrained weights file")
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
