@@ -152,7 +152,9 @@ def cmd_train_dgnet(args: argparse.Namespace) -> int:
         fields = ["backbone", "pretrained", "iterations", "batch_size", "lr_ea", "lr_gen", "feed", "feed_start",
                   "ramp", "ramp_code_loss", "ramp_id_cross", "detach_appearance_code", "cycle_max", "adv", "seed", "workers",
                   "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
-                  "strict_images"]
+                  "strict_images", "ea_from_teacher", "id_cross_trains_ea", "feed_trains_generator",
+                  "structure_target_grad", "encode_again_p", "fine_on_real", "sum_over_loaders", "init",
+                  "quality_every"]
         cfg = dgnet_preset_config(args.preset, data=str(resolve_data(args.data)), teacher=args.teacher,
                                   **_overrides(args, fields))
         last = train_dgnet(cfg, args.out)
@@ -221,6 +223,21 @@ def cmd_swap_grid(args: argparse.Namespace) -> int:
         interpolation_strip(model, appearance[0], appearance[-1] if len(appearance) > 1 else structure[0],
                             steps=args.steps).save(args.interpolation_out)
         print(f"interpolation strip: {args.interpolation_out} (row 1: appearance, row 2: structure)")
+    return 0
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from trainer.quality import format_quality_table, measure_quality, run_folder
+
+    report = measure_quality(args.checkpoint, args.data, teacher=args.teacher, n=args.n, seed=args.seed,
+                             device=args.device, batch_size=args.batch_size)
+    out = Path(args.out) if args.out else run_folder(args.checkpoint) / "quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if report["n"] < report["n_requested"]:
+        print(f"note: n = {report['n']} instead of {report['n_requested']}: the training split has too few images "
+              "(2n are needed: n for the swaps and the real set, n for the real-vs-real floor)", file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else f"{format_quality_table(report)}\njson: {out}")
     return 0
 
 
@@ -298,7 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ReidgenError(f"{exc}. The demo needs a Market-style data set: pass --data DIR "
                            "(make demo DATA=DIR), or set REIDGEN_DATA to the folder holding market1501_mini") from None
     run_demo(DemoConfig(data=str(data), out=args.out, epochs=args.epochs, dgnet_iterations=args.dgnet_iterations,
-                        records=args.records, device=args.device))
+                        records=args.records, device=args.device, dgnet=args.dgnet or ""))
     return 0
 
 
@@ -412,6 +429,19 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from generator_service.checkpoint import convert_checkpoint
+
+    changes = convert_checkpoint(args.old, args.new, trust=args.trust)
+    for change in changes[:10]:
+        print(f"  {change}")
+    if len(changes) > 10:
+        print(f"  ... and {len(changes) - 10} more")
+    done = f"converted {len(changes)} value(s)" if changes else "nothing needed converting"
+    print(f"{done}; {args.new} holds only tensors and plain data and loads safely")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reidgen", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -474,7 +504,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let generative losses reach E_a through the appearance code (paper); default detaches "
                         "it (reference code)")
     g.add_argument("--cycle-max", type=float, help="weight of the reference code's cycle loss after the ramp (0)")
-    g.add_argument("--adv", type=float, help="weight of G's adversarial loss (1; reference code 2)")
+    g.add_argument("--adv", type=float, help="weight of G's adversarial loss per D scale (paper preset: 2, the "
+                                             "reference code's; small: 1)")
+    g.add_argument("--ea-from-teacher", action=argparse.BooleanOptionalAction, default=None,
+                   help="start E_a's backbone from the teacher's (small preset: on; paper: off, ImageNet)")
+    g.add_argument("--quality-every", type=int, metavar="ITERS",
+                   help="log cheap generation-quality figures every N iterations (quality.png; 0 = off)")
+    r = p.add_argument_group("which network learns from which loss (defaults: the reference code; the "
+                             "flags read the paper literally)")
+    r.add_argument("--id-cross-trains-ea", action=argparse.BooleanOptionalAction, default=None,
+                   help="L_id^c also trains E_a (default: a frozen copy of E_a judges G's image; only G, E_s learn)")
+    r.add_argument("--feed-trains-generator", action=argparse.BooleanOptionalAction, default=None,
+                   help="L_prim/L_fine also reach G and E_s (default: computed on the detached image; only E_a "
+                        "learns)")
+    r.add_argument("--structure-target-grad", action=argparse.BooleanOptionalAction, default=None,
+                   help="L_code's structure target keeps its gradient (default: detached)")
+    r.add_argument("--encode-again-p", type=float,
+                   help="probability that the live E_s re-encodes the detached generated image rather than a "
+                        "frozen E_s the live one (0.5)")
+    r.add_argument("--fine-on-real", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fine-grained head also learns CE on real images, weight λ_fine (default: on)")
+    r.add_argument("--sum-over-loaders", action=argparse.BooleanOptionalAction, default=None,
+                   help="sum every loss over loaders a and b, as the reference (paper preset: on; small: off, the "
+                        "mean)")
+    r.add_argument("--init", choices=["reference", "pytorch"],
+                   help="initial weights of E_s, G, D: reference (Kaiming / N(0, 0.02)) or PyTorch's defaults")
     _add_gan_run_options(g)
     g.add_argument("--strict-images", action="store_true", default=None,
                    help="stop at the first unreadable image instead of skipping it")
@@ -522,6 +576,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation-out", metavar="PNG", help="also write an interpolation strip (Figs. 5, 9)")
     p.add_argument("--steps", type=int, default=8, help="interpolation steps")
     p.set_defaults(func=cmd_swap_grid)
+
+    p = sub.add_parser("quality", help="generation quality of a DG-Net checkpoint: FID/KID, SSIM, identity",
+                       description="Measure a DG-Net checkpoint on n images of its training split: FID and KID of "
+                                   "cross-identity swaps G(a_i, s_j) against real images (Inception-v3 weights "
+                                   "shipped offline) beside the real-vs-real floor at the same n, diversity SSIM "
+                                   "(paper Table 1), self-reconstruction L1/SSIM, the teacher's identity "
+                                   "consistency of the swaps and the Fréchet distance of its features. Prints a "
+                                   "table and writes JSON.")
+    p.add_argument("--checkpoint", required=True, help="DG-Net checkpoint or run folder")
+    p.add_argument("--data", help="data set (default: the one the checkpoint was trained on)")
+    p.add_argument("--teacher", metavar="CKPT", help="re-id classifier judging identity (default: the checkpoint's)")
+    p.add_argument("--n", type=int, default=2000,
+                   help="images (swaps, and each real set); FID is biased at small n, compare at equal n")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the pairs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="JSON file to write (default RUN/quality.json)")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("render-grid", help="PNG of source persons rendered into target contexts by CR-GAN",
                        description="Rows: source persons (first column, real); columns: target-domain images "
@@ -625,6 +698,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=32, help="records on the contact sheet")
     p.set_defaults(func=cmd_shards)
 
+    p = sub.add_parser("convert-checkpoint",
+                       help="one-time: rewrite an old checkpoint of your own as tensors and plain data",
+                       description="reidgen reads checkpoints with torch.load(weights_only=True): tensors, numbers, "
+                                   "strings, lists, tuples and dicts only, so loading a file someone hands you cannot "
+                                   "run code. A checkpoint written by an older reidgen may hold other objects (e.g. "
+                                   "numpy arrays) and is refused. This command unpickles OLD fully - which runs "
+                                   "whatever code the file contains - converts what it holds (numpy arrays to "
+                                   "tensors, numpy scalars to numbers, ...), checks that the result loads with "
+                                   "weights_only=True and writes it to NEW. Use it only on checkpoints you made "
+                                   "yourself; --trust says you did.")
+    p.add_argument("old", metavar="OLD", help="the old checkpoint file, or a run folder (uses checkpoints/last.pt)")
+    p.add_argument("new", metavar="NEW", help="where to write the converted checkpoint (a new file)")
+    p.add_argument("--trust", action="store_true",
+                   help="confirm that OLD is your own file: converting it runs any code it contains")
+    p.set_defaults(func=cmd_convert_checkpoint)
+
     p = sub.add_parser("demo", help="the main job, small and end to end on CPU (writes RUN/report.html)",
                        description="The main job on the embedded default (no Redis, no Docker), about 15 minutes on "
                                    "2 CPU cores with market1501_mini: train a teacher, train DG-Net, write a swap "
@@ -634,7 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="market1501_mini", help="data set folder or name (default market1501_mini)")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=4, help="epochs of the two re-id models (default 4)")
-    p.add_argument("--dgnet-iterations", type=int, default=150, help="DG-Net iterations (default 150)")
+    p.add_argument("--dgnet-iterations", type=int, default=200, help="DG-Net iterations (default 200)")
+    p.add_argument("--dgnet", metavar="RUN",
+                   help="reuse a longer DG-Net run (and its teacher) trained on --data instead of training one")
     p.add_argument("--records", type=int, default=512, help="synthetic images in the shard job (default 512)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
