@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -9,6 +10,7 @@ from reidgen.market import link_subset
 
 from api_schemas.evaluation import EvaluationReport
 from reidgen.cli import main
+from reidgen.errors import ReidgenError
 from trainer.demo import DemoConfig, demo_checkpoints, run_demo
 
 
@@ -18,7 +20,7 @@ def demo_run(market_mini, tmp_path_factory):
     data = link_subset(market_mini, root / "data", ids=10)
     out = root / "run"
     report = run_demo(DemoConfig(data=str(data), out=str(out), epochs=1, dgnet_iterations=4, records=32,
-                                 shard_size=16, workers=0, device="cpu"))
+                                 shard_size=16, workers=0, device="cpu", quality_images=16))
     return out, report
 
 
@@ -31,8 +33,12 @@ def test_demo_runs_every_stage_and_writes_a_self_contained_report(demo_run):
     assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in sources)
     # The result table has a row per model, with the figures of their eval.json.
     for name in ("teacher", "dgnet", "real_plus_synthetic"):
-        r = EvaluationReport.model_validate_json((out / name / "eval.json").read_text())
+        r = EvaluationReport.model_validate_json((out / "eval" / f"{name}.json").read_text())
         assert f"{100 * r.rank1:.2f}" in html and f"{100 * r.mAP:.2f}" in html
+    # The generation-quality table (reidgen quality's figures) and the curve logged during training.
+    quality = json.loads((out / "quality.json").read_text())
+    assert "identity_consistency" in html and f"{quality['fid']:.4f}" in html
+    assert "cheap quality figures during training" in html
     assert set(demo_checkpoints(out)) == {"teacher", "dgnet", "real_plus_synthetic"}
     assert "32 records (planned 32)" in html  # the shard job's verify summary
 
@@ -42,7 +48,7 @@ def test_demo_reuses_finished_stages(demo_run):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")}
     data = out.parent / "data"
     run_demo(DemoConfig(data=str(data), out=str(out), epochs=1, dgnet_iterations=4, records=32, shard_size=16,
-                        workers=0, device="cpu"))
+                        workers=0, device="cpu", quality_images=16))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")} == before
 
 
@@ -50,3 +56,15 @@ def test_demo_without_data_says_what_to_do(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("reidgen: error:") and "nowhere" in err and "REIDGEN_DATA" in err
+
+
+def test_demo_reuses_a_longer_dgnet_run_and_refuses_one_of_other_data(demo_run, market_mini, tmp_path):
+    out, _ = demo_run
+    data = out.parent / "data"
+    again = tmp_path / "again"
+    run_demo(DemoConfig(data=str(data), out=str(again), epochs=1, records=32, shard_size=16, workers=0,
+                        device="cpu", quality_images=16, dgnet=str(out / "dgnet")))
+    assert not (again / "dgnet").exists() and not (again / "teacher").exists()  # reused, not trained
+    assert json.loads((again / "quality.json").read_text())["checkpoint"].startswith(str(out / "dgnet"))
+    with pytest.raises(ReidgenError, match="was trained on"):
+        run_demo(DemoConfig(data=str(market_mini), out=str(tmp_path / "other"), dgnet=str(out / "dgnet")))

@@ -21,6 +21,7 @@ from generator_service.checkpoint import resolve_checkpoint
 from reidgen.errors import ReidgenError
 from reidgen.market import scan_split
 from trainer.evaluate import evaluate_checkpoint
+from trainer.quality import format_quality_table, measure_quality
 from trainer.report import Section, write_report
 from trainer.train_dgnet import dgnet_preset_config, train_dgnet
 from trainer.train_reid import preset_config, train_reid
@@ -31,7 +32,12 @@ class DemoConfig:
     data: str
     out: str
     epochs: int = 4               # teacher and the real + synthetic model (small preset)
-    dgnet_iterations: int = 150   # DG-Net small preset (about 4 s an iteration on 2 CPU cores)
+    dgnet_iterations: int = 200   # DG-Net small preset (about 4 s an iteration on 2 CPU cores)
+    # Feeding and L_id^c start at this fraction of the run: in a run this short G must first learn
+    # to reconstruct (at the paper's 30 % they would start at iteration 60, on blobs).
+    dgnet_feed_start: float = 0.5
+    dgnet: str = ""               # reuse this (longer) DG-Net run and its teacher instead of training them
+    quality_images: int = 256     # images for the generation-quality figures
     records: int = 512            # synthetic images in the shard job
     shard_size: int = 256
     workers: int = 1
@@ -69,6 +75,22 @@ def _input_sheet(data: str, out: Path, count: int = 16) -> Path:
     return out
 
 
+def _reused_run(run: str, data: str) -> dict:
+    """The checkpoint, teacher and step of a DG-Net run given to ``--dgnet``, refused clearly when
+    it was trained on other data (its classes would not match the demo's)."""
+    from generator_service.checkpoint import load_checkpoint
+
+    checkpoint = resolve_checkpoint(run)
+    ckpt = load_checkpoint(checkpoint, "dgnet")
+    trained_on = Path(ckpt["train_config"]["data"]).resolve()
+    if trained_on != Path(data).resolve():
+        raise ReidgenError(f"--dgnet {run} was trained on {trained_on}, the demo runs on {data}; pass --data "
+                           f"{trained_on}")
+    folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return {"checkpoint": checkpoint, "run": folder, "teacher": Path(ckpt["train_config"]["teacher"]),
+            "step": ckpt["step"]}
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage; returns the path of the HTML report."""
     from generator_service.dgnet import DGNet
@@ -81,19 +103,28 @@ def run_demo(cfg: DemoConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
+    reused = _reused_run(cfg.dgnet, data) if cfg.dgnet else None
     t = _stage(1, total, f"teacher: baseline re-id model (small preset, {cfg.epochs} epochs) on {data}")
     teacher = out / "teacher" / "checkpoints" / "last.pt"
-    if not _done(teacher):
+    if reused:
+        teacher = reused["teacher"]
+        print(f"  reusing the teacher of {cfg.dgnet}: {teacher}")
+    elif not _done(teacher):
         train_reid(preset_config("small", data=data, epochs=cfg.epochs, milestones=(max(1, cfg.epochs - 1),),
                                  workers=cfg.workers, device=cfg.device, evaluate=False), out / "teacher")
     timings["teacher"] = time.perf_counter() - t
 
     t = _stage(2, total, f"DG-Net: joint training (small preset, {cfg.dgnet_iterations} iterations, online feed)")
     dgnet = out / "dgnet" / "checkpoints" / "last.pt"
-    if not _done(dgnet):
+    dgnet_run = out / "dgnet"
+    if reused:
+        dgnet, dgnet_run = reused["checkpoint"], reused["run"]
+        print(f"  reusing {dgnet} (step {reused['step']})")
+    elif not _done(dgnet):
         train_dgnet(dgnet_preset_config("small", data=data, teacher=str(teacher), iterations=cfg.dgnet_iterations,
-                                        workers=cfg.workers, device=cfg.device,
-                                        grid_every=max(1, cfg.dgnet_iterations // 3)), out / "dgnet")
+                                        feed_start=cfg.dgnet_feed_start, workers=cfg.workers, device=cfg.device,
+                                        grid_every=max(1, cfg.dgnet_iterations // 4),
+                                        quality_every=max(2, cfg.dgnet_iterations // 8)), out / "dgnet")
     timings["dgnet"] = time.perf_counter() - t
 
     t = _stage(3, total, "swap grid and interpolation strip from query images of distinct people")
@@ -110,6 +141,12 @@ def run_demo(cfg: DemoConfig) -> Path:
     appearance, structure = load_batch(picked[:rows], size), load_batch(picked[rows:], size)
     swap_grid(model, appearance, structure).save(out / "swap_grid.png")
     interpolation_strip(model, appearance[0], appearance[1]).save(out / "interpolation.png")
+    quality_file = out / "quality.json"
+    if not quality_file.is_file() or json.loads(quality_file.read_text()).get("checkpoint") != str(dgnet):
+        quality = measure_quality(dgnet, data, teacher=str(teacher), n=cfg.quality_images, device=cfg.device)
+        quality_file.write_text(json.dumps(quality, indent=2))
+    quality = json.loads(quality_file.read_text())
+    print(format_quality_table(quality))
     timings["swap_grid"] = time.perf_counter() - t
 
     t = _stage(4, total, f"shard job, in-process: {cfg.records} generated images with soft labels")
@@ -133,17 +170,19 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["real_plus_synthetic"] = time.perf_counter() - t
 
     t = _stage(6, total, "evaluation on the query/gallery split (Market protocol, flip-averaged features)")
+    # The evaluations live in the demo's folder: a reused teacher or DG-Net run is only read.
+    (out / "eval").mkdir(exist_ok=True)
     results = [
-        ("baseline (teacher): real images only", _evaluate(teacher, data, out / "teacher" / "eval.json", cfg.device)),
-        ("DG-Net E_a: s_prim + 0.5·s_fine", _evaluate(dgnet, data, out / "dgnet" / "eval.json", cfg.device)),
-        ("real + synthetic shards", _evaluate(mixed, data, out / "real_plus_synthetic" / "eval.json", cfg.device)),
+        ("baseline (teacher): real images only", _evaluate(teacher, data, out / "eval" / "teacher.json", cfg.device)),
+        ("DG-Net E_a: s_prim + 0.5·s_fine", _evaluate(dgnet, data, out / "eval" / "dgnet.json", cfg.device)),
+        ("real + synthetic shards", _evaluate(mixed, data, out / "eval" / "real_plus_synthetic.json", cfg.device)),
     ]
     for name, r in results:
         print(f"  {name:<40} Rank-1 {100 * r.rank1:6.2f}  mAP {100 * r.mAP:6.2f}")
     timings["evaluate"] = time.perf_counter() - t
 
     _stage(7, total, "report")
-    grids = sorted((out / "dgnet" / "grids").glob("step_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+    grids = sorted((dgnet_run / "grids").glob("step_*.png"), key=lambda p: int(p.stem.split("_")[1]))
     sections = [
         Section("Results", f"Evaluated on {data} (query × gallery, Market protocol). Short CPU runs: the figures "
                            "show the pipeline works end to end, not what long GPU runs reach.", results=results),
@@ -153,9 +192,14 @@ def run_demo(cfg: DemoConfig) -> Path:
                                 "first row (paper Fig. 1).",
                 pictures=[(out / "swap_grid.png", "swap grid (query images, unseen in training)"),
                           (out / "interpolation.png", "row 1: appearance interpolated; row 2: structure")]),
+        Section("DG-Net generation quality", "Measured on the training split by reidgen quality (the same "
+                                             "figures as the README's); the curves come from the fixed images "
+                                             "training measured as it went.",
+                code=format_quality_table(quality),
+                pictures=[(dgnet_run / "quality.png", "cheap quality figures during training")]),
         Section("DG-Net training", "Grid rows: a, b, reconstruction of a, a from its positive's appearance, "
                                    "a's appearance on b's structure, b's on a's.",
-                pictures=[(out / "dgnet" / "metrics.png", "DG-Net losses")] +
+                pictures=[(dgnet_run / "metrics.png", "DG-Net losses")] +
                          ([(grids[-1], f"training grid at {grids[-1].stem}")] if grids else [])),
         Section("Synthetic shards", report.summary().splitlines()[0] + ": every checksum verified",
                 pictures=[(out / "shards_sheet.png", "records of the shard job")]),
