@@ -7,13 +7,26 @@ in-process, a Celery worker, many of them). Where the shards go (``out``) is not
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 JobKind = Literal["dgnet_all_pairs", "dgnet_random_structures", "crgan_render"]
 Split = Literal["train", "query", "gallery"]
 SHARD_FORMAT, SHARD_VERSION = "reidgen-shard", 1
+
+
+def _no_nul(value: str) -> str:
+    """A path or name with a NUL character names no file: every OS call on it fails with an
+    error a client should not see, so it is refused where the spec is read (HTTP body, spec file,
+    task arguments), with a message naming the field."""
+    if "\0" in value:
+        raise PydanticCustomError("nul_in_path", "must not contain a NUL character (\\0): give a file or folder path")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_no_nul)]
 
 
 class _Strict(BaseModel):
@@ -27,18 +40,20 @@ class JobSpec(_Strict):
     kind: JobKind = Field(description="dgnet_all_pairs: every appearance × structure pair of the subset; "
                                       "dgnet_random_structures: K random structures per image; "
                                       "crgan_render: sources rendered into target contexts")
-    checkpoint: str = Field(min_length=1, description="DG-Net or CR-GAN checkpoint file or run folder")
-    teacher: str | None = Field(None, description="re-id checkpoint giving the soft labels; default: the teacher "
-                                                  "(DG-Net) or identity model (CR-GAN) the generator was trained with")
+    checkpoint: PathText = Field(min_length=1, description="DG-Net or CR-GAN checkpoint file or run folder")
+    teacher: PathText | None = Field(None, description="re-id checkpoint giving the soft labels; default: the "
+                                                       "teacher (DG-Net) or identity model (CR-GAN) the generator "
+                                                       "was trained with")
     soft_labels: bool = Field(True, description="store the teacher's top-k soft label with every record")
     top_k: int = Field(10, ge=1, le=4096, description="classes kept of each soft label (renormalised to sum 1)")
-    data: str = Field(min_length=1, description="source data set: a Market-style folder or a name under REIDGEN_DATA")
+    data: PathText = Field(min_length=1,
+                           description="source data set: a Market-style folder or a name under REIDGEN_DATA")
     split: Split = "train"
     subset: int | None = Field(None, ge=1, description="use this many source images, drawn with the seed; "
                                                         "default: all")
     structures_per_image: int = Field(4, ge=1, le=1024, description="K for dgnet_random_structures")
     cross_identity: bool = Field(True, description="only pairs whose two images show different people")
-    target: str | None = Field(None, description="target data set (crgan_render)")
+    target: PathText | None = Field(None, description="target data set (crgan_render)")
     target_split: Split = "train"
     targets_per_source: int | None = Field(1, ge=1, description="crgan_render: random target contexts per source; "
                                                                 "null: every target (source × target)")
@@ -131,7 +146,7 @@ class JobManifest(BaseModel):
 
 class JobRequest(_Strict):
     spec: JobSpec
-    out: str = Field(min_length=1, description="folder for the shards (as the workers see it)")
+    out: PathText = Field(min_length=1, description="folder for the shards (as the workers see it)")
 
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]

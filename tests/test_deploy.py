@@ -9,7 +9,12 @@
 - the environment: each service sets the variables its code reads whose defaults are wrong in a
   container, every REIDGEN_*/REDIS_* variable set is read by the code (no dead settings), and
   .env.example documents exactly the ${...} variables of docker-compose.yml;
-- the api, listening on all interfaces, requires an API key.
+- the api, listening on all interfaces, requires an API key;
+- Redis requires a password from a secret file, every service that talks to Redis gets it through
+  ``REDIS_PASSWORD_FILE`` (never inline in a URL), Flower requires a login from a secret file, and
+  the secrets are files under secrets/. The redis command and health probe run for real against
+  a local redis-server when there is one; the code that puts the password into the URL is
+  unit-tested.
 """
 from __future__ import annotations
 
@@ -19,17 +24,24 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import re
 import shlex
+import socket
+import subprocess
+import time
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
+import redis
 import yaml
 
 from generator_service.serve import _is_loopback
 from reidgen.cli import build_parser
+from reidgen.errors import ReidgenError
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -42,6 +54,7 @@ CONTAINER_REQUIRED = {
     "REDIS_URL": "defaults to redis://127.0.0.1:6379/0; the broker is the `redis` service",
     "REIDGEN_DATA": "defaults to ../shared/data beside the checkout; the data volume is /data",
     "REIDGEN_MASK_MODEL": "defaults to ../shared/models beside the checkout; the models are at /mask-models",
+    "REDIS_PASSWORD_FILE": "unset means no password; the redis service requires the redis_password secret",
 }
 # Commands run with `docker compose run trainer COMMAND ...` (the trainer's one-off uses).
 TRAINER_COMMANDS = ("train-reid", "train-dgnet", "train-crgan", "masks", "evaluate", "swap-grid")
@@ -481,3 +494,270 @@ def test_image_healthcheck_probes_what_the_command_serves():
         thread.join(5)
     assert healthcheck.probe(serve) == 1  # nothing listens any more
     assert healthcheck.probe(["train-reid", "--data", "market1501", "--out", "/runs/teacher"]) == 0
+
+
+# -- Redis and Flower credentials ----------------------------------------------------------------
+REDIS_CLIENTS = ("api", "worker", "trainer", "flower")  # every service that talks to Redis
+_REDIS_URL = re.compile(r"rediss?://[^\s\"',]+")
+
+
+def mounted_secrets(service: dict) -> dict[str, str]:
+    """Path inside the container → secret name, for the short and the long syntax."""
+    out = {}
+    for item in service.get("secrets") or []:
+        source, target = (item, item) if isinstance(item, str) else (item["source"], item.get("target", item["source"]))
+        out[target if target.startswith("/") else f"/run/secrets/{target}"] = source
+    return out
+
+
+def redis_script(doc: dict) -> str:
+    """The shell script the redis service runs (its command is ``sh -c SCRIPT``)."""
+    argv = as_list(doc["services"]["redis"]["command"])
+    assert argv[:2] == ["sh", "-c"] and len(argv) == 3, "redis reads its secret in a `sh -c` command"
+    return argv[2]
+
+
+def redis_password_secret(doc: dict) -> str:
+    """The secret the redis service reads its password from (the one file its command reads)."""
+    paths = set(re.findall(r"/run/secrets/[\w.-]+", redis_script(doc)))
+    assert len(paths) == 1, f"redis must read its password from one secret file, found {sorted(paths)}"
+    secrets = mounted_secrets(doc["services"]["redis"])
+    path = paths.pop()
+    assert path in secrets, f"redis reads {path} but does not mount that secret"
+    return secrets[path]
+
+
+def test_redis_requires_a_password_from_a_secret():
+    """Redis reachable without a password is a way to queue tasks for the workers (issue 12)."""
+    doc = compose()
+    script = redis_script(doc)
+    secret = redis_password_secret(doc)
+    # --requirepass takes a shell variable read from the secret (never a literal), and an empty
+    # secret stops the server rather than meaning "no password".
+    m = re.search(r'--requirepass\s+"?\$\{?(\w+)', script)
+    assert m, "redis-server must be started with --requirepass $VARIABLE"
+    var = m.group(1)
+    assert re.search(rf'\b{var}="?\$\(cat /run/secrets/{secret}\)', script), f"${var} must come from the secret"
+    assert re.search(rf'\[ -n "?\${var}"? \]', script), "an empty secret must stop redis"
+    # Through the image's entry point (it drops root), with the persistence settings kept.
+    assert re.search(r"\bexec docker-entrypoint\.sh redis-server\b", script)
+    assert "--appendonly yes" in script and "--maxmemory-policy noeviction" in script
+    probe = " ".join(doc["services"]["redis"]["healthcheck"]["test"])
+    assert f"REDISCLI_AUTH=\"$(cat /run/secrets/{secret})\"" in probe and "PONG" in probe
+
+
+def test_no_service_has_a_redis_url_without_credentials(monkeypatch, tmp_path):
+    """Every Redis URL of a service is an environment variable the code completes with the password
+    of the mounted secret (REDIS_PASSWORD_FILE), none carries a password inline, and every
+    service that talks to Redis has one. What the code makes of it is checked too."""
+    from worker.celery_app import redis_url
+
+    doc = compose()
+    secret = redis_password_secret(doc)
+    password_file = tmp_path / "redis_password"
+    password_file.write_text("s3cret-from-the-file\n")
+    clients = set()
+    for name, svc in doc["services"].items():
+        env = environment(svc)
+        urls = set(_REDIS_URL.findall(json.dumps(svc)))
+        if not urls:
+            continue
+        clients.add(name)
+        assert urls <= set(env.values()), f"{name}: a Redis URL outside its environment: {sorted(urls)}"
+        assert all(urlsplit(u).password is None for u in urls), f"{name}: a password inline in a Redis URL"
+        assert env.get("REDIS_PASSWORD_FILE") == f"/run/secrets/{secret}", f"{name}: REDIS_PASSWORD_FILE"
+        assert mounted_secrets(svc).get(f"/run/secrets/{secret}") == secret, f"{name} does not mount {secret}"
+        monkeypatch.setenv("REDIS_URL", env["REDIS_URL"])
+        monkeypatch.setenv("REDIS_PASSWORD_FILE", str(password_file))
+        assert urlsplit(redis_url()).password == "s3cret-from-the-file", name
+    assert set(REDIS_CLIENTS) <= clients
+
+
+def test_flower_requires_basic_auth_from_a_secret(monkeypatch, tmp_path):
+    """Flower's entry point loads docker/flower_config.py (a command line cannot drop it), which
+    sets basic_auth from the mounted secret and stops Flower when the secret is missing, empty
+    or malformed."""
+    import runpy
+
+    doc = compose()
+    svc, stage = built_services()["flower"]
+    conf = [a.split("=", 1)[1] for a in stage["entrypoint"] if a.startswith("--conf=")]
+    assert len(conf) == 1, "flower's --conf belongs in its entry point"
+    assert [a for a in effective_argv(svc, stage) if a.startswith("--conf")] == [f"--conf={conf[0]}"]
+    assert Path(conf[0]).name != "flowerconfig.py"  # Flower skips a missing file of its default name
+    assert f"docker/{Path(conf[0]).name}" in stage["copy"]
+    config = REPO / "docker" / Path(conf[0]).name
+    assert not {"FLOWER_BASIC_AUTH", "FLOWER_UNAUTHENTICATED_API"} & set(environment(svc))
+
+    def logins(text: str | None):
+        if text is None:
+            monkeypatch.setenv("REIDGEN_FLOWER_AUTH_FILE", str(tmp_path / "missing"))
+        else:
+            (tmp_path / "auth").write_text(text)
+            monkeypatch.setenv("REIDGEN_FLOWER_AUTH_FILE", str(tmp_path / "auth"))
+        return runpy.run_path(str(config))["basic_auth"]
+
+    assert logins("admin:pa:ss\n") == ["admin:pa:ss"]
+    assert logins("admin:one\n\nops:two\n") == ["admin:one", "ops:two"]
+    for bad in (None, "", "\n", "admin\n", "admin:\n", ":pass\n"):
+        with pytest.raises(SystemExit, match="flower: "):
+            logins(bad)
+    # Unset (the deployment), it reads the secret the flower service mounts.
+    tree = ast.parse(config.read_text())
+    constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                 and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
+    secret = mounted_secrets(svc).get(constants["_SECRET"])
+    assert secret and "file" in doc["secrets"][secret], f"flower does not mount {constants['_SECRET']}"
+    monkeypatch.delenv("REIDGEN_FLOWER_AUTH_FILE")
+    if not Path(constants["_SECRET"]).exists():
+        with pytest.raises(SystemExit, match="cannot read the login file"):
+            runpy.run_path(str(config))
+
+
+def test_secrets_are_files_under_the_secrets_folder():
+    """Every secret is a git-ignored file under secrets/ (never an inline value or an environment
+    variable), and every secret declared is used by a service and the other way round."""
+    doc = compose()
+    for name, secret in doc["secrets"].items():
+        assert set(secret) == {"file"}, f"secret {name} must be a file, not {sorted(set(secret) - {'file'})}"
+        path = Path(secret["file"])
+        assert not path.is_absolute() and path.parts[0] == "secrets" and ".." not in path.parts, \
+            f"secret {name}: {secret['file']} is not under ./secrets/"
+    used = {s for svc in doc["services"].values() for s in mounted_secrets(svc).values()}
+    assert used == set(doc["secrets"])
+    assert "secrets/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+# -- the redis command and probe, run for real (no Docker: a local redis-server) ------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def compose_redis(tmp_path):
+    """The redis service's command run by sh on this machine: the secret at a temporary path, and
+    stand-ins for the image's entry point (runs redis-server on a free loopback port in a temporary
+    folder) and for redis-cli (the same port). Yields (port, secret file, run(script) → process)."""
+    import shutil
+
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.skip("no redis-server / redis-cli on PATH")
+    port, secrets, bin_dir = _free_port(), tmp_path / "secrets", tmp_path / "bin"
+    secrets.mkdir()
+    bin_dir.mkdir()
+    _stub(bin_dir, "docker-entrypoint.sh", f'exec "$@" --port {port} --bind 127.0.0.1 --dir "{tmp_path}" --save ""')
+    _stub(bin_dir, "redis-cli", f'exec "{shutil.which("redis-cli")}" -p {port} "$@"')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("REDISCLI_AUTH", None)
+    started = []
+
+    def run(script: str, wait: bool = False) -> subprocess.Popen | subprocess.CompletedProcess:
+        script = script.replace("/run/secrets/", f"{secrets}/")
+        if wait:
+            return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+        proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        started.append(proc)
+        return proc
+
+    yield port, secrets / redis_password_secret(compose()), run
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_redis_command_and_probe_really_require_the_password(compose_redis, monkeypatch):
+    """The compose redis command starts a Redis that refuses clients without the password; the
+    URL `redis_url` builds from the secret file logs in; the health probe logs in too."""
+    from worker.celery_app import redis_url
+
+    port, secret_file, run = compose_redis
+    doc = compose()
+    probe = doc["services"]["redis"]["healthcheck"]["test"]
+    assert probe[0] == "CMD-SHELL"
+    password = "pw-" + os.urandom(12).hex()
+    secret_file.write_text(password + "\n")
+    server = run(redis_script(doc))
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(secret_file))
+    client = redis.Redis.from_url(redis_url(), socket_connect_timeout=1)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert client.ping()
+            break
+        except redis.ConnectionError:
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.05)
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1).ping()
+    assert run(probe[1], wait=True).returncode == 0
+    secret_file.write_text("not-the-password\n")
+    assert run(probe[1], wait=True).returncode != 0
+
+
+def test_redis_command_refuses_an_empty_secret(compose_redis):
+    _, secret_file, run = compose_redis
+    secret_file.write_text("\n")
+    result = run(redis_script(compose()), wait=True)
+    assert result.returncode == 1 and "redis_password secret is missing or empty" in result.stderr
+    secret_file.unlink()
+    assert run(redis_script(compose()), wait=True).returncode == 1
+
+
+# -- the code that puts the password into the Redis URL -----------------------------------------
+def test_redis_url_takes_the_password_from_the_file(monkeypatch, tmp_path):
+    """Percent-encoded, so that redis-py and Celery (kombu) read back the exact password."""
+    from kombu import Connection
+
+    from worker.celery_app import make_app, redis_url
+
+    password = "p@ss:w/rd%#?&"
+    (tmp_path / "pw").write_text(password + "\n")
+    monkeypatch.setenv("REDIS_URL", "redis://redis:6379/3")
+    monkeypatch.delenv("REDIS_PASSWORD_FILE", raising=False)
+    assert redis_url() == "redis://redis:6379/3"  # no file named: the URL as given
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(tmp_path / "pw"))
+    url = redis_url()
+    kwargs = redis.Redis.from_url(url).connection_pool.connection_kwargs
+    assert (kwargs["password"], kwargs["host"], kwargs["port"], kwargs["db"]) == (password, "redis", 6379, 3)
+    assert Connection(url).password == password
+    assert make_app().connection_for_write().password == password
+    monkeypatch.setenv("REDIS_URL", "rediss://worker@redis:6380/0")
+    kwargs = redis.Redis.from_url(redis_url()).connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"], kwargs["port"]) == ("worker", password, 6380)
+
+
+@pytest.mark.parametrize("text, url, message", [
+    (None, "redis://redis:6379/0", "cannot read the Redis password file"),
+    ("", "redis://redis:6379/0", "must hold one line of text without spaces"),
+    ("\n", "redis://redis:6379/0", "must hold one line of text without spaces"),
+    ("two words\n", "redis://redis:6379/0", "must hold one line of text without spaces"),
+    ("crlf\r\n", "redis://redis:6379/0", "must hold one line of text without spaces"),
+    ("one\ntwo\n", "redis://redis:6379/0", "must hold one line of text without spaces"),
+    ("good\n", "redis://:inline@redis:6379/0", "keep the password in the file only"),
+    ("good\n", "unix:///run/redis.sock", "needs a redis:// or rediss:// REDIS_URL"),
+])
+def test_redis_url_refuses_a_bad_password_file(monkeypatch, tmp_path, text, url, message):
+    """A mistake is one clear error, never a silent "no password" (which Redis would refuse later
+    with NOAUTH) nor a password that differs from the one the redis service read."""
+    from worker.celery_app import redis_url
+
+    path = tmp_path / "pw"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setenv("REDIS_URL", url)
+    monkeypatch.setenv("REDIS_PASSWORD_FILE", str(path))
+    with pytest.raises(ReidgenError, match=message) as err:
+        redis_url()
+    assert "inline" not in str(err.value)  # the URL's own password is never echoed

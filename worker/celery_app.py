@@ -15,20 +15,66 @@ Reliability settings, and why:
 
 ``$REIDGEN_REDIS_PREFIX`` prefixes every Redis key (queues and job records), so several
 deployments or test runs can share one Redis.
+
+A Redis with a password (the compose deployment's): ``$REDIS_PASSWORD_FILE`` names a file holding
+it (a Docker secret), and `redis_url` puts it into ``$REDIS_URL``. The password so stays out of
+the environment, the compose file and ``docker inspect``; every client (Celery, the job records,
+Flower, the health probe) gets its URL from `redis_url`.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery import Celery
 
+from reidgen.errors import ReidgenError
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "reidgen-shards"
+REDIS_PASSWORD_FILE_ENV = "REDIS_PASSWORD_FILE"
 SECONDS_PER_IMAGE = float(os.environ.get("REIDGEN_SECONDS_PER_IMAGE", "2.0"))  # generous CPU worst case
 
 
 def redis_url() -> str:
-    return os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    """``$REDIS_URL``, with the password of ``$REDIS_PASSWORD_FILE`` in it when that is set."""
+    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    password_file = os.environ.get(REDIS_PASSWORD_FILE_ENV)
+    return with_password(url, read_redis_password(password_file)) if password_file else url
+
+
+def read_redis_password(path: str | Path) -> str:
+    """The password in ``path``: its text without the final newline, as the redis service reads
+    it (``$(cat FILE)``). Spaces, tabs, CR or a second line would make the two readings differ,
+    and an empty password would silently mean none: all refused, with how to make a good one."""
+    try:
+        raw = Path(path).read_bytes()  # bytes: a CR must count, as it does for the shell
+    except OSError as exc:
+        raise ReidgenError(f"cannot read the Redis password file {path} ({exc.strerror}); "
+                           f"{REDIS_PASSWORD_FILE_ENV} must name a readable file") from None
+    try:
+        password = raw.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError:
+        password = ""
+    if not password or any(c.isspace() for c in password):
+        raise ReidgenError(f"the Redis password file {path} must hold one line of text without spaces (make one "
+                           f"with: python3 -c \"import secrets; print(secrets.token_urlsafe(32))\" > {path})")
+    return password
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` in it, percent-encoded (Celery and redis-py decode it). A URL that
+    already has one is refused rather than overridden: two sources of one password drift apart."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ReidgenError(f"{REDIS_PASSWORD_FILE_ENV} needs a redis:// or rediss:// REDIS_URL, "
+                           f"not {parts.scheme or 'one without a scheme'}")
+    if parts.password is not None:
+        raise ReidgenError(f"REDIS_URL carries a password and {REDIS_PASSWORD_FILE_ENV} is set too; "
+                           f"keep the password in the file only")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{quote(password, safe='')}@{host}"))
 
 
 def key_prefix() -> str:

@@ -14,6 +14,7 @@ writing the same shard (a redelivered task) race on the rename: the loser discar
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -76,25 +77,77 @@ def shard_digest(entries: list[RecordEntry]) -> str:
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
+        raise
 
 
 def shard_done(out: str | Path, index: int) -> bool:
     return (Path(out) / shard_name(index) / MANIFEST).is_file()
 
 
-def ensure_job_manifest(out: str | Path, manifest: JobManifest) -> None:
-    """Write ``job.json`` once; refuse an output folder that holds another job's shards."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+# Why a path cannot be the output folder, when the path itself is the cause (the client chose
+# it): these are a `ReidgenError` (HTTP 4xx, one CLI line). A full disk or an I/O error is not
+# the client's mistake and stays an internal error.
+_UNUSABLE_OUT = {errno.EEXIST: "it exists and is not a folder",
+                 errno.ENOTDIR: "a part of it is a file, not a folder",
+                 errno.EISDIR: f"its {JOB_FILE} is a folder"}
+_UNUSABLE_ERRNOS = set(_UNUSABLE_OUT) | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _bad_out(out: str | Path, reason: str) -> ReidgenError:
+    return ReidgenError(f"out: cannot use {out} as the output folder: {reason}; give a new or empty folder "
+                        f"that can be written, or the folder of an earlier run of the same spec")
+
+
+def _unusable_out(out: str | Path, exc: OSError) -> ReidgenError | None:
+    """The client's error for an OSError about ``out``, or None when it is the server's fault."""
+    if exc.errno not in _UNUSABLE_ERRNOS:
+        return None
+    return _bad_out(out, _UNUSABLE_OUT.get(exc.errno) or (exc.strerror or "not usable").lower())
+
+
+def _existing_job_manifest(out: Path) -> JobManifest | None:
+    """The ``job.json`` already in ``out``, or None. Something else under that name (a folder,
+    another file) is refused, without quoting its contents."""
     path = out / JOB_FILE
-    if path.is_file():
-        existing = JobManifest.model_validate_json(path.read_text())
-        if existing.plan_hash != manifest.plan_hash:
-            raise ReidgenError(f"{out} holds the shards of another job (plan {existing.plan_hash}, this one "
-                               f"{manifest.plan_hash}); use another --out folder")
-        return
-    write_atomic(path, manifest.model_dump_json(indent=2))
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise _bad_out(out, _UNUSABLE_OUT[errno.EISDIR])
+    try:
+        return JobManifest.model_validate_json(path.read_bytes())
+    except ValueError:  # not JSON, or not a job manifest
+        raise _bad_out(out, f"it holds a {JOB_FILE} that is not a reidgen job manifest") from None
+
+
+def ensure_job_manifest(out: str | Path, manifest: JobManifest) -> None:
+    """Write ``job.json`` once; refuse an output folder that holds another job's shards.
+
+    Every way ``out`` itself can be unusable (empty, a NUL character, a file or under one, not
+    writable, a ``job.json`` that is not a job manifest) is a `ReidgenError` naming ``out``, raised
+    before ``job.json`` is written: over HTTP a 4xx, from the CLI one line, never a traceback."""
+    if not str(out):
+        raise ReidgenError("out: is empty; give the folder for the shards")
+    if "\0" in str(out):
+        raise ReidgenError("out: must not contain a NUL character (\\0): give a folder path")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        existing = _existing_job_manifest(out)
+        if existing is None:
+            write_atomic(out / JOB_FILE, manifest.model_dump_json(indent=2))
+            return
+    except OSError as exc:
+        error = _unusable_out(out, exc)
+        if error is None:
+            raise
+        raise error from None
+    if existing.plan_hash != manifest.plan_hash:
+        raise ReidgenError(f"out: {out} holds the shards of another job (plan {existing.plan_hash}, this one "
+                           f"{manifest.plan_hash}); give another folder")
 
 
 # -- writing --------------------------------------------------------------------------------------
