@@ -1,0 +1,91 @@
+"""The proof that DG-Net generates people on a CPU: generation quality at the start, middle and end
+of one long small-preset run, and re-id of its teacher and of its E_a on the full query/gallery.
+
+The run itself is trained beforehand (README, "DG-Net on this CPU") with ``--keep-checkpoints`` so
+that its snapshots are there; this script only measures:
+
+    python bench/dgnet_cpu_run.py --run runs/dgnet_cpu [--n 500]   # bench/results/dgnet_cpu_run.json
+
+Targets (issue 11): identity consistency ≥ 0.30, reconstruction SSIM ≥ 0.5, DG-Net E_a's mAP ≥
+its teacher's. Every figure comes from `reidgen quality` / `reidgen evaluate`'s own functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import write_results  # noqa: E402
+
+KEYS = ("identity_consistency", "structure_identity_share", "reconstruction_ssim", "reconstruction_l1", "fid",
+        "kid", "kid_std", "fid_real", "kid_real", "diversity_ssim", "diversity_ssim_real", "teacher_fd", "step")
+
+
+def snapshots(run: Path) -> dict[str, Path]:
+    """The first, middle and last kept checkpoints of a run."""
+    kept = sorted((run / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if len(kept) < 3:
+        raise SystemExit(f"{run} keeps {len(kept)} snapshots; train with --keep-checkpoints (3 or more needed)")
+    return {"start": kept[0], "middle": kept[len(kept) // 2], "final": kept[-1]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="the DG-Net run folder")
+    ap.add_argument("--n", type=int, default=500, help="images per quality measurement (FID is biased at small n)")
+    ap.add_argument("--data", help="query/gallery data set (default: the run's training data)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    from generator_service.checkpoint import load_checkpoint
+    from trainer.evaluate import evaluate_checkpoint
+    from trainer.quality import measure_quality
+    from trainer.runlog import read_jsonl
+
+    run = Path(args.run)
+    final = load_checkpoint(run, "dgnet")
+    data = args.data or final["train_config"]["data"]
+    teacher = final["train_config"]["teacher"]
+    blocks = {}
+    for name, path in snapshots(run).items():
+        # A measurement already made at this n (e.g. with `reidgen quality --out`, while the run
+        # went on) is reused: RUN/quality_<snapshot>_n<N>.json.
+        cached = run / f"quality_{path.stem}_n{args.n}.json"
+        if cached.is_file():
+            report = json.loads(cached.read_text())
+        else:
+            report = measure_quality(path, data, n=args.n, device=args.device)
+            cached.write_text(json.dumps(report, indent=2))
+        blocks[name] = {k: report[k] for k in KEYS}
+        print(name, json.dumps(blocks[name]), flush=True)
+
+    reid = {}
+    for name, checkpoint in (("teacher", teacher), ("dgnet", run)):
+        r = evaluate_checkpoint(checkpoint, data, device=args.device)
+        reid[name] = {"rank1": r.rank1, "mAP": r.mAP, "rank5": r.rank5, "rank10": r.rank10}
+        print(name, reid[name], flush=True)
+
+    steps = [r for r in read_jsonl(run / "metrics.jsonl") if "l_img1" in r]
+    hours = (steps[-1]["time"] - steps[0]["time"]) / 3600 if len(steps) > 1 else 0.0
+    final_q = blocks["final"]
+    targets = {
+        "identity_consistency>=0.30": final_q["identity_consistency"] >= 0.30,
+        "reconstruction_ssim>=0.5": final_q["reconstruction_ssim"] >= 0.5,
+        "dgnet_mAP>=teacher_mAP": reid["dgnet"]["mAP"] >= reid["teacher"]["mAP"],
+    }
+    write_results("dgnet_cpu_run", {
+        "device": args.device, "run": str(run), "data": str(data), "teacher": str(teacher),
+        "iterations": final["step"], "train_config": final["train_config"], "train_hours": round(hours, 3),
+        "quality_n": args.n, **blocks, "reid": reid, "targets_met": targets,
+    })
+    for target, met in targets.items():
+        print(f"{target}: {'met' if met else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
