@@ -33,6 +33,26 @@ def snapshots(run: Path) -> dict[str, Path]:
     return {"start": kept[0], "middle": kept[len(kept) // 2], "final": kept[-1]}
 
 
+def reid_report(checkpoint, data: str, device: str):
+    """The full query/gallery evaluation of a checkpoint: the run folder's eval.json when it was
+    made for this very checkpoint and data set (train-reid writes one), else evaluated now and saved."""
+    from api_schemas.evaluation import EvaluationReport
+    from generator_service.checkpoint import resolve_checkpoint
+    from trainer.evaluate import evaluate_checkpoint
+    from trainer.quality import run_folder
+
+    path = resolve_checkpoint(checkpoint).resolve()
+    saved = run_folder(checkpoint) / "eval.json"
+    if saved.is_file():
+        report = EvaluationReport.model_validate_json(saved.read_text())
+        if (resolve_checkpoint(report.checkpoint).resolve() == path
+                and Path(report.data).resolve() == Path(data).resolve()):
+            return report
+    report = evaluate_checkpoint(path, data, device=device)
+    saved.write_text(report.model_dump_json(indent=2))
+    return report
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="the DG-Net run folder")
@@ -42,7 +62,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from generator_service.checkpoint import load_checkpoint
-    from trainer.evaluate import evaluate_checkpoint
     from trainer.quality import measure_quality
     from trainer.runlog import read_jsonl
 
@@ -65,8 +84,8 @@ def main() -> int:
 
     reid = {}
     for name, checkpoint in (("teacher", teacher), ("dgnet", run)):
-        r = evaluate_checkpoint(checkpoint, data, device=args.device)
-        reid[name] = {"rank1": r.rank1, "mAP": r.mAP, "rank5": r.rank5, "rank10": r.rank10}
+        r = reid_report(checkpoint, data, args.device)
+        reid[name] = {"rank1": r.rank1, "mAP": r.mAP, "rank5": r.rank5, "rank10": r.rank10, "mINP": r.mINP}
         print(name, reid[name], flush=True)
 
     steps = [r for r in read_jsonl(run / "metrics.jsonl") if "l_img1" in r]

@@ -5,7 +5,11 @@ Market-1501 images for a few warm-up iterations plus measured ones, with a teach
 spot (a tiny baseline: its quality does not change the cost of an iteration). Feeding is on
 from the start, so every loss of the full iteration is paid for.
 
+Each preset runs in fp32 and in bf16 autocast (on the CPU: `cpu_bf16`, which pays only on CPUs with
+native bf16 such as AVX512-BF16), side by side in one run.
+
     python bench/dgnet_speed.py [--data market1501_mini] [--iters 6] [--presets small paper]
+                                [--precisions fp32 bf16] [--threads N]
 """
 from __future__ import annotations
 
@@ -24,15 +28,19 @@ sys.path.insert(0, str(REPO))
 from bench.common import run_child, write_results  # noqa: E402
 
 
-def child(preset: str, data: str, iters: int, warmup: int, teacher: str, out: str) -> None:
+def child(preset: str, precision: str, data: str, iters: int, warmup: int, teacher: str, out: str,
+          threads: int) -> None:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from trainer.runlog import read_jsonl
     from trainer.train_dgnet import dgnet_preset_config, train_dgnet
 
     # No pretrained weights: ResNet-50's are not obtainable offline and do not change the cost.
     cfg = dgnet_preset_config(preset, data=data, teacher=teacher, pretrained="none", iterations=warmup + iters,
-                              feed_start=0.0, ramp=0.01, workers=1, grid_every=0, checkpoint_every=10**9)
+                              feed_start=0.0, ramp=0.01, workers=1, grid_every=0, checkpoint_every=10**9,
+                              quality_every=0, ea_from_teacher=False, amp=precision == "bf16", cpu_bf16=precision == "bf16")
     start = time.perf_counter()
     train_dgnet(cfg, out, progress=False)
     wall = time.perf_counter() - start
@@ -40,7 +48,7 @@ def child(preset: str, data: str, iters: int, warmup: int, teacher: str, out: st
     measured = times[warmup:]
     rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"preset": preset, "iterations_per_second": rate, "seconds_per_iteration": 1 / rate,
+    print(json.dumps({"preset": preset, "precision": precision, "iterations_per_second": rate, "seconds_per_iteration": 1 / rate,
                       "peak_rss_mb": peak_mb, "wall_seconds": wall, "batch_per_loader": cfg.batch_size,
                       "image_size": list(cfg.model.image_size), "backbone": cfg.model.backbone,
                       "torch_threads": torch.get_num_threads()}))
@@ -52,6 +60,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=6, help="measured iterations per preset")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--presets", nargs="+", default=["small", "paper"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -61,7 +71,8 @@ def main() -> int:
 
     data = str(resolve_data(args.data))
     if args.child:
-        child(args.child, data, args.iters, args.warmup, args.teacher, args.out_dir)
+        preset, precision = args.child.split(":")
+        child(preset, precision, data, args.iters, args.warmup, args.teacher, args.out_dir, args.threads)
         return 0
 
     from trainer.train_reid import preset_config, train_reid
@@ -71,25 +82,33 @@ def main() -> int:
         teacher = str(train_reid(preset_config("tiny", data=data, max_steps=1, workers=0, evaluate=False),
                                  Path(tmp) / "teacher", progress=False))
         for preset in args.presets:
-            results.append(run_child(__file__, "--child", preset, "--data", data, "--iters", str(args.iters),
-                                     "--warmup", str(args.warmup), "--teacher", teacher,
-                                     "--out-dir", str(Path(tmp) / preset)))
+            for precision in args.precisions:
+                results.append(run_child(__file__, "--child", f"{preset}:{precision}", "--data", data,
+                                         "--iters", str(args.iters), "--warmup", str(args.warmup),
+                                         "--teacher", teacher, "--threads", str(args.threads),
+                                         "--out-dir", str(Path(tmp) / f"{preset}_{precision}")))
 
     print(f"DG-Net training speed on {os.cpu_count()} CPU(s), {args.iters} measured iterations each")
-    print(f"{'preset':<8} {'backbone':<20} {'image':<9} {'it/s':>7} {'s/it':>7} {'peak RSS':>10}")
+    print(f"{'preset':<8} {'precision':<9} {'backbone':<20} {'image':<9} {'it/s':>7} {'s/it':>7} {'peak RSS':>10}")
     for r in results:
-        print(f"{r['preset']:<8} {r['backbone']:<20} {'×'.join(map(str, r['image_size'])):<9} "
+        print(f"{r['preset']:<8} {r['precision']:<9} {r['backbone']:<20} {'×'.join(map(str, r['image_size'])):<9} "
               f"{r['iterations_per_second']:7.3f} {r['seconds_per_iteration']:7.2f} {r['peak_rss_mb']:8.0f} MB")
-    by = {r["preset"]: r for r in results}
+    by = {(r["preset"], r["precision"]): r for r in results}
     ratio = None
-    if "small" in by and "paper" in by:
-        ratio = by["small"]["iterations_per_second"] / by["paper"]["iterations_per_second"]
-        print(f"small preset is {ratio:.1f}× faster per iteration than the paper preset")
+    if ("small", "fp32") in by and ("paper", "fp32") in by:
+        ratio = by["small", "fp32"]["iterations_per_second"] / by["paper", "fp32"]["iterations_per_second"]
+        print(f"small preset is {ratio:.1f}× faster per iteration than the paper preset (fp32)")
+    bf16_speedup = {}
+    for preset in args.presets:
+        if (preset, "fp32") in by and (preset, "bf16") in by:
+            bf16_speedup[preset] = by[preset, "bf16"]["iterations_per_second"] / by[preset, "fp32"]["iterations_per_second"]
+            print(f"{preset}: bf16 autocast is {bf16_speedup[preset]:.2f}× the fp32 speed")
     # The children train on the config's default device, "auto": the one pick_device resolves here.
     from generator_service.device import pick_device
 
     write_results("dgnet_speed", {"device": str(pick_device("auto")), "data": data, "results": results,
-                                  "small_over_paper_speed": ratio})
+                                  "small_over_paper_speed": ratio, "bf16_over_fp32_speed": bf16_speedup,
+                                  "torch_threads": args.threads or None})
     return 0
 
 

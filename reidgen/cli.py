@@ -154,7 +154,7 @@ def cmd_train_dgnet(args: argparse.Namespace) -> int:
                   "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
                   "strict_images", "ea_from_teacher", "id_cross_trains_ea", "feed_trains_generator",
                   "structure_target_grad", "encode_again_p", "fine_on_real", "sum_over_loaders", "init",
-                  "quality_every"]
+                  "quality_every", "cpu_bf16"]
         cfg = dgnet_preset_config(args.preset, data=str(resolve_data(args.data)), teacher=args.teacher,
                                   **_overrides(args, fields))
         last = train_dgnet(cfg, args.out)
@@ -508,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "reference code's; small: 1)")
     g.add_argument("--ea-from-teacher", action=argparse.BooleanOptionalAction, default=None,
                    help="start E_a's backbone from the teacher's (small preset: on; paper: off, ImageNet)")
+    g.add_argument("--cpu-bf16", action="store_true", default=None,
+                   help="bf16 autocast on the CPU too (pays on CPUs with native bf16; bench/dgnet_speed.py)")
     g.add_argument("--quality-every", type=int, metavar="ITERS",
                    help="log cheap generation-quality figures every N iterations (quality.png; 0 = off)")
     r = p.add_argument_group("which network learns from which loss (defaults: the reference code; the "
