@@ -152,6 +152,18 @@ class JobRequest(_Strict):
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
+class JobError(BaseModel):
+    """One failure of a job, as its HTTP clients may read it: no traceback, server path or file
+    bytes (those are in the worker log, tagged with the job id)."""
+
+    shard: int | None = Field(None, description="the shard that failed, if the failure was one shard's")
+    code: str = Field(description="stable machine-readable code: bad_checkpoint, bad_teacher, unknown_data, "
+                                  "bad_request, shard_timeout, internal_error", examples=["bad_checkpoint"])
+    message: str = Field(description="what was wrong, naming the field of the spec",
+                         examples=["checkpoint: no readable reidgen dgnet checkpoint named 'g.pt' "
+                                   "(a dgnet_random_structures job needs one)"])
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -162,4 +174,6 @@ class JobStatus(BaseModel):
     records_done: int
     records_failed: int
     images_per_s: float | None = Field(None, description="records written per second since the first shard started")
-    errors: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list, description="the lines of error_details, as "
+                                                               "'shard N: code: message' (for older clients)")
+    error_details: list[JobError] = Field(default_factory=list)

@@ -244,10 +244,15 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="stable machine-readable code, e.g. bad_base64, unreadable_image, "
                                   "too_many_images, image_too_large, body_too_large, unsupported_media_type, "
                                   "invalid_request, unknown_model, unauthorized, queue_full, deadline_exceeded, "
-                                  "not_ready, out_of_memory, internal_error",
+                                  "not_ready, out_of_memory, internal_error; jobs: unknown_job, unknown_data, "
+                                  "bad_request",
                       examples=["unreadable_image"])
-    message: str = Field(description="what was wrong and what is expected",
+    message: str = Field(description="what was wrong and what is expected, written for the client: it names "
+                                     "the field but never a server path, a traceback or bytes of a file",
                          examples=["appearance[0]: not an image the server can read (PNG, JPEG, WebP or BMP expected)"])
+    request_id: str | None = Field(None, description="the request's X-Request-ID (the client's, or one the server "
+                                                     "made): the server log has the details under it",
+                                   examples=["3f2a9c0d5e6b4a1c8d7e9f0a1b2c3d4e"])
 
 
 class ErrorBody(BaseModel):

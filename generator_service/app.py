@@ -7,8 +7,10 @@ through the engine's queue and batcher, the same code the workers and trainers c
 Safety (DESIGN.md, "safe to expose"): with an API key configured every endpoint except
 health/readiness needs it; body bytes, images per request, generated images per request and
 pixels per image are bounded before any expensive work; every error is an `ErrorBody` JSON
-with a message saying what was wrong, and no stack trace ever reaches a client. Decoding and
-encoding run in the thread pool, never on the event loop.
+with a code and a message saying what was wrong, and no stack trace, server path or file bytes
+ever reach a client: those go to the log under the request's id (``X-Request-ID``, echoed on
+every response and given in every error body). Decoding and encoding run in the thread pool,
+never on the event loop.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import base64
 import binascii
 import hmac
 import logging
+import re
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -83,12 +87,14 @@ from generator_service.images import (
     mask_to_pil,
     to_pil,
 )
-from reidgen.errors import ReidgenError
+from reidgen.errors import ReidgenError, public_message
 
 log = logging.getLogger("reidgen.service")
 
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/v1/healthz", "/v1/readyz"})  # reachable without the API key (probes)
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass
@@ -118,8 +124,11 @@ class ApiError(ReidgenError):
 _STATUS: list[tuple[type[Exception], int, str | None]] = [
     (QueueFull, 503, None), (NotReady, 503, None), (OutOfMemory, 503, None), (DeadlineExceeded, 504, None),
     (UnknownModel, 404, None), (WrongModelKind, 422, None), (ImageTooLarge, 413, "image_too_large"),
-    (UnreadableImage, 400, "unreadable_image"), (EngineError, 500, None), (ReidgenError, 400, "bad_request"),
+    (UnreadableImage, 400, "unreadable_image"), (EngineError, 500, None), (ReidgenError, 400, None),
 ]
+# Errors this app raises with messages written for its clients (they quote only what the client
+# sent). Any other `ReidgenError` is told to clients by its ``public`` line only.
+_CLIENT_WORDED = (ApiError, EngineError, ImageTooLarge, UnreadableImage, LookupError)
 
 
 def _status_of(exc: ReidgenError) -> tuple[int, str]:
@@ -167,9 +176,28 @@ def _endpoint(request_or_scope: Any, known: frozenset[str]) -> str:
     return path if path in known else "other"
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message))
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   request_id: str | None = None) -> JSONResponse:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, request_id=request_id))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    """The client's ``X-Request-ID`` when it is a short plain token (it goes into logs and
+    headers, so nothing else is taken), else a fresh one."""
+    given = headers.get(REQUEST_ID_HEADER.lower().encode())
+    if given is not None and _SANE_REQUEST_ID.fullmatch(given):
+        return given.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def client_message(exc: ReidgenError) -> str:
+    """What a client may read about ``exc``: the app's own wording, or the error's public line."""
+    return str(exc) if isinstance(exc, _CLIENT_WORDED) else public_message(exc)
 
 
 # -- request parsing -----------------------------------------------------------------------------
@@ -572,18 +600,23 @@ def _warm_up_quietly(engine: Engine) -> None:
 def _install_error_handlers(app: FastAPI, metrics: Metrics, known: frozenset[str]) -> None:
     def respond(request: Request, status: int, code: str, message: str, headers=None) -> JSONResponse:
         metrics.errors.labels(_endpoint(request, known), code).inc()
-        return error_response(status, code, message, headers)
+        return error_response(status, code, message, headers, _request_id(request))
 
     @app.exception_handler(ReidgenError)
     async def reidgen_error(request: Request, exc: ReidgenError) -> JSONResponse:
         status, code = _status_of(exc)
+        rid = _request_id(request)
         if status == 500:  # an engine fault, not the client's: no details
-            log.error("engine error on %s: %s", request.url.path, exc)
+            log.error("request %s: engine error on %s: %s", rid, request.url.path, exc)
             return respond(request, 500, "internal_error", "internal error while generating; see the server log")
         headers = None
         if status == 503:
             headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
-        return respond(request, status, code, str(exc), headers)
+        message = client_message(exc)
+        if message != str(exc):  # the client got less than the whole story: the log keeps it
+            log.warning("request %s: %s %s refused (%d %s): %s", rid, request.method, request.url.path, status,
+                        code, exc)
+        return respond(request, status, code, message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -600,13 +633,20 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, known: frozenset[str
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         # Logged with its traceback by the server; the client learns only that it failed.
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return respond(request, 500, "internal_error", "internal server error; see the server log")
+        rid = _request_id(request)
+        log.error("request %s: unhandled error on %s %s", rid, request.method, request.url.path, exc_info=exc)
+        # Answered outside the middleware that stamps responses with the request id: stamp it here.
+        return respond(request, 500, "internal_error", "internal server error; see the server log",
+                       {REQUEST_ID_HEADER: rid} if rid else None)
 
 
 class GuardMiddleware:
     """Outermost checks, before any route runs: API key, body size (declared and streamed), and
-    the request metrics (so refused requests are counted too). Plain ASGI: it never buffers."""
+    the request metrics (so refused requests are counted too). Plain ASGI: it never buffers.
+
+    It also gives every request its id (`request_id_of`), kept in the scope's state for the
+    error handlers and log lines, and echoed as ``X-Request-ID`` on every response: a client
+    quoting it lets an operator find the details its error body leaves out."""
 
     def __init__(self, app, settings: Settings, metrics: Metrics, known: frozenset[str]):
         self.app, self.settings, self.metrics, self.known = app, settings, metrics, known
@@ -626,18 +666,22 @@ class GuardMiddleware:
         method = scope["method"] if scope["method"] in _METHODS else "other"  # bounded label values
         status = [500]
         started = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        request_id = request_id_of(headers)
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode("ascii"))]}
             await send(message)
 
         async def refuse(code_status: int, code: str, message: str, headers=None):
             self.metrics.errors.labels(endpoint, code).inc()
-            await error_response(code_status, code, message, headers)(scope, receive, send_status)
+            await error_response(code_status, code, message, headers, request_id)(scope, receive, send_status)
 
         try:
-            headers = dict(scope.get("headers") or [])
             if self._key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
                 return await refuse(401, "unauthorized", "missing or wrong API key: send it as 'X-API-Key: KEY' "
                                     "or 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})

@@ -5,7 +5,7 @@ Keys (under ``$REIDGEN_REDIS_PREFIX``)::
     job:ID          hash: spec, out, state, shards_total, records_planned, created, started, updated,
                     records_done, records_failed, tasks (JSON list of task ids, for revoking)
     job:ID:done     set of finished shard indices (a redelivered shard is counted once)
-    job:ID:errors   list of error lines
+    job:ID:errors   list of errors, each a `JobError` as JSON (what HTTP clients read: no internals)
 
 A shard's figures are added only when its index first enters the ``done`` set, so duplicates
 (redelivered tasks) never double-count.
@@ -18,8 +18,8 @@ import uuid
 
 import redis
 
-from api_schemas.jobs import JobManifest, JobRequest, JobStatus
-from reidgen.errors import ReidgenError
+from api_schemas.jobs import JobError, JobManifest, JobRequest, JobStatus
+from reidgen.errors import GENERIC_MESSAGE, ReidgenError
 from worker.celery_app import key_prefix, redis_url, shard_time_limits
 from worker.plans import make_plan
 from worker.shards import ensure_job_manifest
@@ -80,8 +80,10 @@ class JobStore:
                         "if s == 'queued' or s == 'running' then redis.call('hset', KEYS[1], 'state', 'done') end",
                         1, key)
 
-    def error(self, job_id: str, message: str, fatal: bool = True) -> None:
-        self.r.rpush(self._key(job_id, "errors"), message[:2000])
+    def error(self, job_id: str, error: JobError, fatal: bool = True) -> None:
+        """Record ``error`` (written for the job's HTTP clients; the details belong in the worker log)."""
+        bounded = error.model_copy(update={"message": error.message[:2000]})  # still JSON when cut
+        self.r.rpush(self._key(job_id, "errors"), bounded.model_dump_json())
         self.r.ltrim(self._key(job_id, "errors"), 0, MAX_ERRORS - 1)
         self.r.expire(self._key(job_id, "errors"), JOB_TTL_S)
         if fatal:
@@ -98,10 +100,11 @@ class JobStore:
         rate = None
         if "started" in h and records:
             rate = records / max(1e-6, float(h["updated"]) - float(h["started"]))
-        errors = [e.decode() for e in self.r.lrange(self._key(job_id, "errors"), 0, -1)]
+        errors = [_stored_error(e) for e in self.r.lrange(self._key(job_id, "errors"), 0, -1)]
         return JobStatus(id=job_id, state=h["state"], out=h["out"], shards_total=int(h["shards_total"]),
                          shards_done=done, records_planned=int(h["records_planned"]), records_done=records,
-                         records_failed=int(h["records_failed"]), images_per_s=rate, errors=errors)
+                         records_failed=int(h["records_failed"]), images_per_s=rate,
+                         errors=[_error_line(e) for e in errors], error_details=errors)
 
     def cancel(self, job_id: str) -> list[str]:
         """Mark the job cancelled (running shards stop at their next batch, pending ones are
@@ -113,6 +116,20 @@ class JobStore:
                     "if s == 'queued' or s == 'running' then redis.call('hset', KEYS[1], 'state', 'cancelled') end",
                     1, key)
         return json.loads(self.r.hget(key, "tasks") or b"[]")
+
+
+def _stored_error(raw: bytes) -> JobError:
+    """A recorded error; one that is not a `JobError` (written by an older worker, with its
+    traceback and paths) is never shown, only that it happened."""
+    try:
+        return JobError.model_validate_json(raw)
+    except ValueError:
+        return JobError(code="internal_error", message=GENERIC_MESSAGE)
+
+
+def _error_line(error: JobError) -> str:
+    where = f"shard {error.shard}: " if error.shard is not None else ""
+    return f"{where}{error.code}: {error.message}"
 
 
 def submit_job(request: JobRequest, store: JobStore | None = None, app=None) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from api_schemas.jobs import JobSpec
+from reidgen.errors import about
 from reidgen.market import Item, scan_split
 from reidgen.paths import resolve_data
 
@@ -95,6 +96,15 @@ def _hash(spec: JobSpec, sources, structures, source_root: Path, structure_root:
     return h.hexdigest()[:16]
 
 
+def _data_set(field: str, name: str, split: str) -> tuple[Path, list[Item]]:
+    """The root and images of one split of a data set. A remote client learns only that its name
+    was not found: neither the data root it was looked up in nor what was wrong with the folder."""
+    with about(field, "unknown_data", f"data set {name!r} not found (give the name of a Market-1501 style "
+                                      f"data set on this server, with its {split} split)"):
+        root = resolve_data(name)
+        return root, scan_split(root, split)
+
+
 def make_plan(spec: JobSpec) -> Plan:
     """The plan of ``spec`` (cached per process: every shard of a job needs it)."""
     return _cached_plan(spec.model_dump_json())
@@ -103,11 +113,10 @@ def make_plan(spec: JobSpec) -> Plan:
 @lru_cache(maxsize=8)
 def _cached_plan(spec_json: str) -> Plan:
     spec = JobSpec.model_validate_json(spec_json)
-    source_root = resolve_data(spec.data)
-    sources = _subset(scan_split(source_root, spec.split), spec.subset, spec.seed, 0)
+    source_root, sources = _data_set("data", spec.data, spec.split)
+    sources = _subset(sources, spec.subset, spec.seed, 0)
     if spec.kind == "crgan_render":
-        structure_root = resolve_data(spec.target)
-        structures = scan_split(structure_root, spec.target_split)
+        structure_root, structures = _data_set("target", spec.target, spec.target_split)
         pairs = _render_pairs(spec, len(sources), len(structures))
     else:
         structure_root, structures = source_root, sources

@@ -29,7 +29,7 @@ from generator_service.device import autocast
 from generator_service.engine import Engine, ServedModel
 from generator_service.images import UnreadableImage, decode_image, denormalize, encode_image
 from generator_service.teacher import Teacher
-from reidgen.errors import ReidgenError
+from reidgen.errors import ReidgenError, about, public_error
 from reidgen.market import Item, LabelMap
 from worker.plans import Plan, make_plan
 from worker.shards import MANIFEST, ShardWriter, ensure_job_manifest, pack_record, shard_done, shard_name
@@ -61,34 +61,46 @@ def _teacher_path(spec: JobSpec, train_config: dict) -> str | None:
         return None
     path = spec.teacher or train_config.get("teacher") or train_config.get("id_model")
     if not path:
-        raise ReidgenError(f"{spec.checkpoint} names no teacher; give the spec a teacher or set soft_labels false")
+        raise public_error(f"checkpoint: {spec.checkpoint} names no teacher; give the spec a teacher or set "
+                           f"soft_labels false")
     return path
+
+
+def _checkpoint_public(spec: JobSpec) -> str:
+    """The remote client's line for any failure to use the spec's checkpoint: it does not say whether
+    the file exists or why it failed to load (that would let a client probe the server's files)."""
+    want = "crgan" if spec.kind == "crgan_render" else "dgnet"
+    return f"no readable reidgen {want} checkpoint named {spec.checkpoint!r} (a {spec.kind} job needs one)"
 
 
 def load_runtime(spec: JobSpec, device: str = "auto") -> Runtime:
     """The runtime for ``spec``'s checkpoint and teacher, cached per process (a worker loads its
     model once, on its first task, after the pool has forked)."""
-    ckpt_path = resolve_checkpoint(spec.checkpoint)
-    if not ckpt_path.is_file():
-        raise ReidgenError(f"checkpoint {spec.checkpoint} not found")
-    key = (str(ckpt_path.resolve()), file_identity(ckpt_path), spec.teacher, spec.soft_labels, device)
-    if key in _RUNTIMES:
-        return _RUNTIMES[key]
-    meta = load_checkpoint(ckpt_path, ("dgnet", "crgan"))
-    want = "crgan" if spec.kind == "crgan_render" else "dgnet"
-    if meta["kind"] != want:
-        raise ReidgenError(f"{spec.kind} needs a {want} checkpoint; {spec.checkpoint} holds a {meta['kind']} model")
-    label_map = LabelMap(tuple(meta["label_map"]))
-    teacher_path = _teacher_path(spec, meta.get("train_config") or {})
-    del meta
-    engine = Engine.from_checkpoint(spec.checkpoint, device)
+    with about("checkpoint", "bad_checkpoint", _checkpoint_public(spec)):
+        ckpt_path = resolve_checkpoint(spec.checkpoint)
+        if not ckpt_path.is_file():
+            raise ReidgenError(f"checkpoint {spec.checkpoint} not found")
+        key = (str(ckpt_path.resolve()), file_identity(ckpt_path), spec.teacher, spec.soft_labels, device)
+        if key in _RUNTIMES:
+            return _RUNTIMES[key]
+        meta = load_checkpoint(ckpt_path, ("dgnet", "crgan"))
+        want = "crgan" if spec.kind == "crgan_render" else "dgnet"
+        if meta["kind"] != want:
+            raise ReidgenError(f"{spec.kind} needs a {want} checkpoint; {spec.checkpoint} holds a {meta['kind']} "
+                               f"model")
+        label_map = LabelMap(tuple(meta["label_map"]))
+        teacher_path = _teacher_path(spec, meta.get("train_config") or {})
+        del meta
+        engine = Engine.from_checkpoint(spec.checkpoint, device)
     model = next(iter(engine.models.values()))
     models = {"generator": ModelIdentity(checkpoint=str(spec.checkpoint), identity=model.identity)}
     teacher = None
     if teacher_path:
-        teacher = Teacher(teacher_path, label_map, engine.device)
-        models["teacher"] = ModelIdentity(checkpoint=str(teacher_path),
-                                          identity=file_identity(resolve_checkpoint(teacher_path)))
+        named = f"named {spec.teacher!r}" if spec.teacher else "that the checkpoint names"
+        with about("teacher", "bad_teacher", f"no readable reidgen re-id checkpoint {named}"):
+            teacher = Teacher(teacher_path, label_map, engine.device)
+            models["teacher"] = ModelIdentity(checkpoint=str(teacher_path),
+                                              identity=file_identity(resolve_checkpoint(teacher_path)))
     _RUNTIMES.clear()  # one model per process: a worker switching jobs frees the previous one
     _RUNTIMES[key] = Runtime(engine, model, teacher, label_map, models)
     return _RUNTIMES[key]
@@ -231,7 +243,7 @@ def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime 
     started = time.perf_counter()
     plan = make_plan(spec)
     if not 0 <= index < plan.shards:
-        raise ReidgenError(f"shard {index} does not exist; the plan has {plan.shards} shards")
+        raise public_error(f"shard {index} does not exist; the plan has {plan.shards} shards")
     ensure_job_manifest(out, JobManifest(spec=spec, plan_hash=plan.hash, shards=plan.shards,
                                          records_planned=plan.records))
     if shard_done(out, index):

@@ -29,7 +29,7 @@ import lmdb
 from PIL import Image
 
 from api_schemas.jobs import FailedRecord, JobManifest, RecordEntry, ShardManifest
-from reidgen.errors import ReidgenError
+from reidgen.errors import ReidgenError, public_error
 
 MAGIC = b"RGR1"
 MANIFEST = "manifest.json"
@@ -98,7 +98,7 @@ _UNUSABLE_ERRNOS = set(_UNUSABLE_OUT) | {errno.EACCES, errno.EPERM, errno.EROFS,
 
 
 def _bad_out(out: str | Path, reason: str) -> ReidgenError:
-    return ReidgenError(f"out: cannot use {out} as the output folder: {reason}; give a new or empty folder "
+    return public_error(f"out: cannot use {out} as the output folder: {reason}; give a new or empty folder "
                         f"that can be written, or the folder of an earlier run of the same spec")
 
 
@@ -130,9 +130,9 @@ def ensure_job_manifest(out: str | Path, manifest: JobManifest) -> None:
     writable, a ``job.json`` that is not a job manifest) is a `ReidgenError` naming ``out``, raised
     before ``job.json`` is written: over HTTP a 4xx, from the CLI one line, never a traceback."""
     if not str(out):
-        raise ReidgenError("out: is empty; give the folder for the shards")
+        raise public_error("out: is empty; give the folder for the shards")
     if "\0" in str(out):
-        raise ReidgenError("out: must not contain a NUL character (\\0): give a folder path")
+        raise public_error("out: must not contain a NUL character (\\0): give a folder path")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def ensure_job_manifest(out: str | Path, manifest: JobManifest) -> None:
             raise
         raise error from None
     if existing.plan_hash != manifest.plan_hash:
-        raise ReidgenError(f"out: {out} holds the shards of another job (plan {existing.plan_hash}, this one "
+        raise public_error(f"out: {out} holds the shards of another job (plan {existing.plan_hash}, this one "
                            f"{manifest.plan_hash}); give another folder")
 
 

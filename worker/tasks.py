@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-import traceback
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
-from api_schemas.jobs import JobSpec
-from reidgen.errors import ReidgenError
+from api_schemas.jobs import JobError, JobSpec
+from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_message
 from worker.celery_app import app
 from worker.jobs import JobStore
 from worker.run import Cancelled, generate_shard, load_runtime
@@ -40,6 +39,17 @@ def store() -> JobStore:
     return _store
 
 
+def client_error(exc: BaseException, index: int) -> JobError:
+    """What the job's HTTP clients read about ``exc``: a code and a line naming the spec's field,
+    never the exception's own text (it names the worker's paths and quotes the files it read)."""
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return JobError(shard=index, code="shard_timeout",
+                        message="the shard ran past its time limit; give the spec a smaller shard_size")
+    if isinstance(exc, ReidgenError):
+        return JobError(shard=index, code=exc.code, message=public_message(exc))
+    return JobError(shard=index, code="internal_error", message=GENERIC_MESSAGE)
+
+
 @app.task(name="reidgen.generate_shard", bind=True, acks_late=True, reject_on_worker_lost=True)
 def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int) -> dict:
     jobs = store()
@@ -55,10 +65,12 @@ def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int)
         return {"shard": index, "status": "cancelled"}
     except (ReidgenError, SoftTimeLimitExceeded) as exc:
         # Bad input or an oversized shard: retrying cannot help; the job records why and stops.
-        jobs.error(job_id, f"shard {index}: {type(exc).__name__}: {exc}")
+        log.warning("shard %d of job %s failed: %s: %s", index, job_id, type(exc).__name__, exc)
+        jobs.error(job_id, client_error(exc, index))
         return {"shard": index, "status": "failed"}
-    except Exception as exc:  # a bug or a device failure: recorded with its traceback, then raised
-        jobs.error(job_id, f"shard {index}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
+    except Exception as exc:  # a bug or a device failure: logged with its traceback, then raised
+        log.error("shard %d of job %s failed with an internal error", index, job_id, exc_info=exc)
+        jobs.error(job_id, client_error(exc, index))
         raise
     jobs.shard_finished(job_id, index, result.records, result.failed)
     log.info("shard %d of job %s: %s, %d records, %d failed, %.1f s", index, job_id, result.status,
