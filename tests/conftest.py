@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import torch
@@ -63,3 +65,29 @@ def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
                         progress=False)
     torch.set_num_threads(threads)
     return {"root": root, "data": data, "teacher": teacher, "dgnet": dgnet}
+
+
+# The jobs tests' Redis database: apart from the default one a developer's own jobs may use.
+TEST_DB = 13
+
+
+@pytest.fixture(scope="module")
+def broker():
+    """An isolated broker (a Redis database, a key prefix and a queue of this run), removed after."""
+    import redis
+
+    base = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    url = urlunsplit(base._replace(path=f"/{TEST_DB}"))
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {url} ({exc})")
+    tag = uuid.uuid4().hex[:8]
+    env = {"REDIS_URL": url, "REIDGEN_REDIS_PREFIX": f"reidgen-test-{tag}:", "REIDGEN_QUEUE": f"shards-{tag}"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield {"client": client, "prefix": env["REIDGEN_REDIS_PREFIX"]}
+    for key in client.scan_iter(f"{env['REIDGEN_REDIS_PREFIX']}*"):
+        client.delete(key)

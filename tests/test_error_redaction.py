@@ -10,45 +10,16 @@ task's own function, so no worker process is needed.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-import redis
 
 from api_schemas.service import ErrorBody
 from reidgen.paths import data_root
 
-TEST_DB = 13
 REPO = Path(__file__).resolve().parents[1]
 # Its first byte is 'w': torch's refusal quotes it ("invalid load key, 'w'", "Unsupported operand 119").
 FILE_BYTES = b"what the server keeps here: SECRET-BYTES\n"
-
-
-def _test_redis_url() -> str:
-    base = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    return urlunsplit(base._replace(path=f"/{TEST_DB}"))
-
-
-@pytest.fixture(scope="module")
-def broker():
-    """An isolated broker (a Redis database, a key prefix and a queue of this run), removed after."""
-    url = _test_redis_url()
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {url} ({exc})")
-    tag = uuid.uuid4().hex[:8]
-    env = {"REDIS_URL": url, "REIDGEN_REDIS_PREFIX": f"reidgen-test-{tag}:", "REIDGEN_QUEUE": f"shards-{tag}"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        yield {"client": client, "prefix": env["REIDGEN_REDIS_PREFIX"]}
-    for key in client.scan_iter(f"{env['REIDGEN_REDIS_PREFIX']}*"):
-        client.delete(key)
 
 
 def _stand_in_engine():

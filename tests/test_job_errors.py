@@ -15,43 +15,14 @@ load it. No worker runs, so the service here needs no real model either.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-import redis
 
 from api_schemas.service import ErrorBody
 from reidgen.cli import main
 
-TEST_DB = 13
 JUNK = "{not json, SECRET-BYTES"  # must never reach the client
-
-
-def _test_redis_url() -> str:
-    base = urlsplit(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    return urlunsplit(base._replace(path=f"/{TEST_DB}"))
-
-
-@pytest.fixture(scope="module")
-def broker():
-    """An isolated broker (a Redis database, a key prefix and a queue of this run), removed after."""
-    url = _test_redis_url()
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {url} ({exc})")
-    tag = uuid.uuid4().hex[:8]
-    env = {"REDIS_URL": url, "REIDGEN_REDIS_PREFIX": f"reidgen-test-{tag}:", "REIDGEN_QUEUE": f"shards-{tag}"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        yield {"client": client, "prefix": env["REIDGEN_REDIS_PREFIX"]}
-    for key in client.scan_iter(f"{env['REIDGEN_REDIS_PREFIX']}*"):
-        client.delete(key)
 
 
 @pytest.fixture(scope="module")
