@@ -33,8 +33,8 @@ from trainer.quality import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CHEAP_KEYS = {"identity_consistency", "structure_identity_share", "reconstruction_l1", "reconstruction_ssim",
-              "diversity_ssim", "teacher_fd"}
+CHEAP_KEYS = {"identity_consistency", "structure_identity_share", "reconstruction_identity", "real_identity",
+              "reconstruction_l1", "reconstruction_ssim", "diversity_ssim", "teacher_fd"}
 REPORT_KEYS = CHEAP_KEYS | {"fid", "kid", "kid_std", "fid_real", "kid_real", "diversity_ssim_real", "fid_note", "n",
                             "checkpoint", "step", "data"}
 
@@ -173,7 +173,7 @@ def test_cheap_quality_measures_a_batch_and_leaves_the_training_state_alone(tiny
 
     assert set(figures) == CHEAP_KEYS
     assert all(math.isfinite(v) for v in figures.values())
-    for share in ("identity_consistency", "structure_identity_share"):
+    for share in ("identity_consistency", "structure_identity_share", "reconstruction_identity", "real_identity"):
         assert 0 <= figures[share] <= 1
     assert figures["identity_consistency"] + figures["structure_identity_share"] <= 1  # y_i != y_j
     assert -1 <= figures["reconstruction_ssim"] <= 1 and -1 <= figures["diversity_ssim"] <= 1

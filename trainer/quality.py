@@ -177,6 +177,8 @@ class BatchMeasures:
     reconstruction_ssim: torch.Tensor  # (B,) SSIM of the self reconstruction on [0, 1] images
     appearance_hit: torch.Tensor       # (B,) the teacher names the appearance provider of the swap
     structure_hit: torch.Tensor        # (B,) the teacher names the structure provider of the swap
+    reconstruction_hit: torch.Tensor   # (B,) the teacher names x_i's identity on G(a_i, s_i)
+    real_hit: torch.Tensor             # (B,) the teacher names x_i's identity on x_i itself
     diversity_ssim: torch.Tensor       # (B,) SSIM between random pairs of swaps
     swap_features: torch.Tensor        # (B, d) teacher features of the swaps
     real_features: torch.Tensor        # (B, d) teacher features of the real images
@@ -187,10 +189,12 @@ class BatchMeasures:
                                for f in BatchMeasures.__dataclass_fields__))
 
     def summary(self) -> dict[str, float]:
-        """The six headline figures (what `cheap_quality` returns)."""
+        """The headline figures (what `cheap_quality` returns)."""
         return {
             "identity_consistency": float(self.appearance_hit.float().mean()),
             "structure_identity_share": float(self.structure_hit.float().mean()),
+            "reconstruction_identity": float(self.reconstruction_hit.float().mean()),
+            "real_identity": float(self.real_hit.float().mean()),
             "reconstruction_l1": float(self.reconstruction_l1.mean()),
             "reconstruction_ssim": float(self.reconstruction_ssim.mean()),
             "diversity_ssim": float(self.diversity_ssim.mean()),
@@ -209,13 +213,16 @@ def measure_batch(net, teacher, images: torch.Tensor, labels: torch.Tensor, own_
     reconstruction = net.decode(appearance, own_structure).float()
     swaps = net.decode(appearance, structure).float()
     swap_top1, swap_features = teacher_predictions(teacher, swaps)
-    _, real_features = teacher_predictions(teacher, images)
+    reconstruction_top1, _ = teacher_predictions(teacher, reconstruction)
+    real_top1, real_features = teacher_predictions(teacher, images)
     labels, structure_labels = labels.to(swap_top1.device), structure_labels.to(swap_top1.device)
     measures = BatchMeasures(
         reconstruction_l1=(reconstruction - images).abs().flatten(1).mean(1),
         reconstruction_ssim=ssim(denormalize(reconstruction), denormalize(images.float())),
         appearance_hit=swap_top1 == labels,
         structure_hit=swap_top1 == structure_labels,
+        reconstruction_hit=reconstruction_top1 == labels,
+        real_hit=real_top1 == labels,
         diversity_ssim=pair_ssim(swaps, random_partners(len(swaps), generator)),
         swap_features=swap_features,
         real_features=real_features,
@@ -474,6 +481,8 @@ DESCRIPTIONS = {
     "reconstruction_ssim": "SSIM of G(a_i, s_i) vs x_i (higher = better)",
     "identity_consistency": "share of swaps the teacher gives the appearance provider's id (higher = better)",
     "structure_identity_share": "share of swaps the teacher gives the structure provider's id (should be low)",
+    "reconstruction_identity": "share of self reconstructions G(a_i, s_i) the teacher names y_i: the ceiling of the above",
+    "real_identity": "share of the real images the teacher names correctly (its training accuracy at this size)",
     "teacher_fd": "Fréchet distance of teacher features, swaps vs real (lower = better)",
 }
 
