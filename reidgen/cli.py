@@ -154,7 +154,7 @@ def cmd_train_dgnet(args: argparse.Namespace) -> int:
                   "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
                   "strict_images", "ea_from_teacher", "id_cross_trains_ea", "feed_trains_generator",
                   "structure_target_grad", "encode_again_p", "fine_on_real", "sum_over_loaders", "init",
-                  "quality_every", "cpu_bf16"]
+                  "quality_every", "cpu_bf16", "milestones"]
         cfg = dgnet_preset_config(args.preset, data=str(resolve_data(args.data)), teacher=args.teacher,
                                   **_overrides(args, fields))
         last = train_dgnet(cfg, args.out)
@@ -491,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="images per loader (two loaders)")
     g.add_argument("--lr-ea", type=float, help="SGD learning rate of E_a")
     g.add_argument("--lr-gen", type=float, help="Adam learning rate of E_s, G, D")
+    g.add_argument("--milestones", type=float, nargs="*",
+                   help="fractions of the run at which every lr is multiplied by 0.1 (0.6 0.9; none: constant)")
     g.add_argument("--no-feed", dest="feed", action="store_false", default=None,
                    help="do not feed generated images to E_a (the paper's 'w/o feed' ablation)")
     g.add_argument("--feed-start", type=float, help="fraction of the run before L_prim/L_fine start (0.3)")

@@ -221,6 +221,9 @@ class DGNetTrainer:
             LabelMap(tuple(ckpt["label_map"])).require_same(self.label_map, f"resuming {resume} on {cfg.data}")
         if not cfg.teacher:
             raise ReidgenError("a teacher checkpoint is required (train one with reidgen train-reid)")
+        if any(not 0 < m <= 1 for m in cfg.milestones):
+            raise ReidgenError(f"milestones {list(cfg.milestones)}: expected fractions of the run in (0, 1], "
+                               "e.g. 0.6 0.9")
         self.teacher = Teacher(cfg.teacher, self.label_map, self.device)
 
         torch.manual_seed(cfg.seed)
