@@ -114,6 +114,12 @@ def test_mismatched_teacher_is_refused(market_mini, teacher, tmp_path):
         train_dgnet(cfg, tmp_path, progress=False)
 
 
+def test_milestones_must_be_fractions_of_the_run(data20, teacher, tmp_path):
+    cfg = dg_config(data20, teacher, iterations=2, milestones=(870.0,))  # iterations, not a fraction
+    with pytest.raises(ReidgenError, match=r"milestones \[870.0\]: expected fractions"):
+        train_dgnet(cfg, tmp_path, progress=False)
+
+
 def test_swap_grid_and_interpolation_from_real_images(dg_run, data20, tmp_path, capsys):
     grid, strip = tmp_path / "grid.png", tmp_path / "strip.png"
     assert main(["swap-grid", "--checkpoint", str(dg_run), "--data", str(data20), "--appearance", "3",
