@@ -10,11 +10,17 @@ Parameter counts at the ``PAPER`` preset (they are pinned by tests/test_dgnet_ne
 E_s 380,544; decoder 1,455,555; AdaIN MLPs 11,544,576; D (3 scales) 1,025,571.
 REFERENCE.md's "G total 13.38M" is decoder + MLPs + E_s (13,380,675); decoder + MLPs alone is
 13,000,131.
+
+Two layouts compute with the same parameters (same names, same shapes): ``"project"``, what this
+project first wrote, and ``"reference"``, what the public DG-Net checkpoints were trained with
+(REFERENCE.md, "Reference checkpoint layout"). Each difference is one `GeneratorConfig` field;
+`LAYOUTS` names the two sets of values and `with_layout` applies one. A saved configuration that
+lacks the layout fields (written before they existed) reads back as the project layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -31,7 +37,8 @@ LRELU_SLOPE = 0.2
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """Every knob that differs between presets. Defaults are the paper's 256x128 network."""
+    """Every knob that differs between presets. Defaults are the paper's 256x128 network in the
+    project layout (`PAPER` is the same network in the reference layout)."""
 
     image_size: tuple[int, int] = (256, 128)  # (H, W) of images fed to E_s, produced by G, seen by D
     # Appearance code = backbone feature map max-pooled to (parts x 1); channels come from E_a.
@@ -51,9 +58,28 @@ class GeneratorConfig:
     # One MLP per AdaIN layer (2 per residual block): appearance part -> (scale, bias).
     mlp_hidden: int = 512
     mlp_layers: int = 3  # number of Linear layers (2048 -> 512 -> 512 -> 256 is 3)
-    # AdaIN scale parameterisation: True -> IN(x) * (1 + s) + b, False -> IN(x) * s + b.
+    # ---- layout: how the same parameters are used (see LAYOUTS). The defaults are the project
+    # layout, so that a saved configuration without these fields keeps meaning what it meant.
+    # AdaIN scale parameterisation: True -> IN(x) * (1 + s) + b, False -> IN(x) * s + b (reference).
     # Both have the same parameter count; the offset keeps the residual branches alive at init.
     adain_scale_offset: bool = True
+    # ASPP: lrelu after the 1x1 branch and after each dilated 3x3 conv (True), or no activation
+    # there (reference: only the 1x1 convs in front of the dilated ones have one). Never after the fuse.
+    aspp_branch_activation: bool = True
+    # AdaIN MLPs, 2 * dec_res_blocks of them either way:
+    # "per_layer": MLP m drives AdaIN layer m and outputs (scale, bias) of that layer;
+    # "per_block" (reference): MLPs 0..N-1 give scales, N..2N-1 biases; MLP k (resp. N+k) outputs the
+    #   scales (resp. biases) of block k's first then second AdaIN layer.
+    mlp_grouping: str = "per_layer"
+    # What block k's MLPs read, with C = appearance_channels, P = appearance_parts:
+    # "stripes": stripe part_of_block(k) of the (B, C, P, 1) code, i.e. its C channels;
+    # "channel_major" (reference): chunk part_of_block(k) of the code flattened channel-major
+    #   (value index P * channel + stripe), i.e. values [C*j, C*j + C).
+    appearance_chunks: str = "stripes"
+    # Decoder LayerNorm: "group_norm": (x - mean) / sqrt(var + eps), biased variance over C x H x W;
+    # "unbiased_std" (reference): (x - mean) / (std + eps), unbiased std over C x H x W. Both then
+    # apply the per-channel gain and bias.
+    layer_norm: str = "group_norm"
     # D: per scale Conv1x1 3->c0, 3x3 c0->c0, 3x3 s2 c0->c0, 3x3 c0->c0, 3x3 s2 c0->c1,
     # dis_res_blocks residual blocks at c1, Conv1x1 c1->1.
     dis_channels: tuple[int, int] = (32, 64)
@@ -72,6 +98,17 @@ class GeneratorConfig:
             raise ValueError("reflect padding needs every ASPP dilation < structure-code H and W")
         if self.mlp_layers < 1 or self.dis_scales < 1 or self.dec_res_blocks < 1:
             raise ValueError("mlp_layers, dis_scales and dec_res_blocks must be >= 1")
+        for name, allowed in _LAYOUT_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(map(repr, allowed))}")
+
+    @property
+    def layout(self) -> str:
+        """"project", "reference", or "mixed" when the layout fields match neither."""
+        for name, values in LAYOUTS.items():
+            if all(getattr(self, k) == v for k, v in values.items()):
+                return name
+        return "mixed"
 
     @property
     def structure_size(self) -> tuple[int, int]:
@@ -89,7 +126,33 @@ class GeneratorConfig:
         return block * self.appearance_parts // self.dec_res_blocks
 
 
-PAPER = GeneratorConfig()
+_LAYOUT_CHOICES: dict[str, tuple] = {
+    "adain_scale_offset": (True, False),
+    "aspp_branch_activation": (True, False),
+    "mlp_grouping": ("per_layer", "per_block"),
+    "appearance_chunks": ("stripes", "channel_major"),
+    "layer_norm": ("group_norm", "unbiased_std"),
+}
+
+# The layout fields' values. "reference" computes what NVlabs/DG-Net's generator computes, so its
+# public checkpoints (gen_*.pt) import tensor for tensor (generator_service.dgnet_import).
+LAYOUTS: dict[str, dict[str, object]] = {
+    "project": {"adain_scale_offset": True, "aspp_branch_activation": True, "mlp_grouping": "per_layer",
+                "appearance_chunks": "stripes", "layer_norm": "group_norm"},
+    "reference": {"adain_scale_offset": False, "aspp_branch_activation": False, "mlp_grouping": "per_block",
+                  "appearance_chunks": "channel_major", "layer_norm": "unbiased_std"},
+}
+
+
+def with_layout(cfg: GeneratorConfig, layout: str) -> GeneratorConfig:
+    """``cfg`` with every layout field set to the named layout's value."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown generator layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    return replace(cfg, **LAYOUTS[layout])
+
+
+# The paper's network, computing as the reference code does.
+PAPER = with_layout(GeneratorConfig(), "reference")
 
 # CPU preset: half resolution, roughly half widths, same topology, 2 D scales. The appearance code
 # comes from a light backbone (EfficientNet-Lite0: 1280 channels). Dilations are smaller because
@@ -195,15 +258,19 @@ def count_parameters(module: nn.Module) -> int:
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: a 1x1 branch and one (1x1, dilated 3x3) branch per
-    dilation, each conv + IN + lrelu; concatenated and fused by 1x1 + IN (no activation, so the
-    structure code is the instance-normalised fusion output, as REFERENCE.md lists it)."""
+    dilation, each conv + IN, concatenated and fused by 1x1 + IN (no activation, so the structure
+    code is the instance-normalised fusion output, as REFERENCE.md lists it). The 1x1 convs in
+    front of the dilated ones end in lrelu; the branch outputs do too only with
+    ``branch_activation`` (the project layout; the reference has none there)."""
 
-    def __init__(self, in_ch: int, branch_ch: int, dilations: Sequence[int], out_ch: int) -> None:
+    def __init__(self, in_ch: int, branch_ch: int, dilations: Sequence[int], out_ch: int,
+                 branch_activation: bool = True) -> None:
         super().__init__()
-        self.branches = nn.ModuleList([conv_in_act(in_ch, branch_ch, 1)])
+        act = branch_activation
+        self.branches = nn.ModuleList([conv_in_act(in_ch, branch_ch, 1, act=act)])
         for d in dilations:
             self.branches.append(nn.Sequential(conv_in_act(in_ch, branch_ch, 1),
-                                               conv_in_act(branch_ch, branch_ch, 3, dilation=d)))
+                                               conv_in_act(branch_ch, branch_ch, 3, dilation=d, act=act)))
         self.fuse = conv_in_act(branch_ch * len(self.branches), out_ch, 1, act=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,7 +287,8 @@ class StructureEncoder(nn.Module):
         self.stem = nn.Sequential(conv_in_act(1, c1, 3, stride=2), conv_in_act(c1, c2, 3),
                                   conv_in_act(c2, c3, 3), conv_in_act(c3, c4, 3, stride=2))
         self.res = nn.Sequential(*[ResBlock(c4, norm=True) for _ in range(cfg.es_res_blocks)])
-        self.aspp = ASPP(c4, cfg.aspp_channels, cfg.aspp_dilations, cfg.structure_channels)
+        self.aspp = ASPP(c4, cfg.aspp_channels, cfg.aspp_dilations, cfg.structure_channels,
+                         cfg.aspp_branch_activation)
 
     def forward(self, grey: Tensor) -> Tensor:
         if grey.shape[1] != 1:
@@ -258,16 +326,26 @@ class AdaINResBlock(nn.Module):
 
 class LayerNorm2d(nn.Module):
     """Per-sample layer norm over (C, H, W) with a learnable per-channel affine (MUNIT-style
-    decoder norm). group_norm with one group computes exactly those statistics."""
+    decoder norm). ``unbiased_std=False``: (x - mean) / sqrt(var + eps) with the biased variance
+    (group_norm with one group); ``True`` (the reference): (x - mean) / (std + eps) with the
+    unbiased standard deviation."""
 
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+    def __init__(self, channels: int, eps: float = 1e-5, unbiased_std: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
+        self.unbiased_std = unbiased_std
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        if not self.unbiased_std:
+            return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        # gain * (x - mean) / (std + eps) + bias as one multiply-add: a = gain / (std + eps) and
+        # b = bias - mean * a per (sample, channel); half the full-size passes of the plain formula.
+        std, mean = torch.std_mean(x.flatten(1), dim=1)
+        a = self.weight[None, :] / (std[:, None] + self.eps)
+        b = self.bias[None, :] - mean[:, None] * a
+        return torch.addcmul(b[:, :, None, None], x, a[:, :, None, None])
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
@@ -284,11 +362,14 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
 class Decoder(nn.Module):
     """G: (appearance code, structure code) -> image in normalised space (no tanh).
 
-    AdaIN mapping (reproduces MLPs = 8 x 1,443,072 = 11,544,576 at paper size): decoder residual
-    block k has two AdaIN layers; MLP 2k feeds the first and MLP 2k+1 the second. Both read the
-    same appearance part p = cfg.part_of_block(k) (= k with 4 parts and 4 blocks), i.e. the
-    appearance_channels-d vector code[:, :, p, 0]; each outputs 2 x structure_channels values,
-    split into (scale, bias) = first and second half.
+    AdaIN mapping (MLPs = 8 x 1,443,072 = 11,544,576 at paper size, both groupings): decoder
+    residual block k has two AdaIN layers, and its MLPs read appearance chunk p = part_of_block(k)
+    (= k with 4 parts and 4 blocks): stripe p (``appearance_chunks="stripes"``) or values
+    [C*p, C*p + C) of the channel-major flattened code (``"channel_major"``). Each MLP outputs
+    2 x structure_channels values.
+    ``mlp_grouping="per_layer"``: MLP 2k feeds block k's first AdaIN layer, 2k+1 its second; the
+    output halves are (scale, bias). ``"per_block"``: MLP k gives (first layer's scales, second
+    layer's scales) of block k and MLP N+k the same for the biases.
     """
 
     def __init__(self, cfg: GeneratorConfig = PAPER) -> None:
@@ -299,10 +380,11 @@ class Decoder(nn.Module):
                                    for _ in range(cfg.n_mlps)])
         self.res_blocks = nn.ModuleList([AdaINResBlock(ch, cfg.adain_scale_offset)
                                          for _ in range(cfg.dec_res_blocks)])
+        unbiased = cfg.layer_norm == "unbiased_std"
         up: list[nn.Module] = []
         for out_ch in cfg.dec_up_channels:
             up += [nn.Upsample(scale_factor=2, mode="nearest"), conv(ch, out_ch, 5),
-                   LayerNorm2d(out_ch), lrelu()]
+                   LayerNorm2d(out_ch, unbiased_std=unbiased), lrelu()]
             ch = out_ch
         self.upsample = nn.Sequential(*up)
         head: list[nn.Module] = []
@@ -317,20 +399,30 @@ class Decoder(nn.Module):
         return {"decoder": count_parameters(self) - n_mlp, "mlps": n_mlp}
 
     def _parts(self, code: Tensor) -> Tensor:
-        """(B, C, P, 1) or its flatten(1) (B, C*P) -> (B, P, C)."""
+        """(B, C, P, 1) or its flatten(1) (B, C*P) -> (B, P, C): the P chunks the MLPs read
+        (stripes, or consecutive runs of the channel-major flattened code; see the class doc)."""
         c, p = self.cfg.appearance_channels, self.cfg.appearance_parts
         if code.dim() == 4 and tuple(code.shape[1:]) == (c, p, 1):
-            return code[..., 0].transpose(1, 2)
-        if code.dim() == 2 and code.shape[1] == c * p:
-            return code.view(code.shape[0], c, p).transpose(1, 2)
-        raise ValueError(f"appearance code must be (B,{c},{p},1) or (B,{c * p}), got {tuple(code.shape)}")
+            code = code.flatten(1)
+        elif not (code.dim() == 2 and code.shape[1] == c * p):
+            raise ValueError(f"appearance code must be (B,{c},{p},1) or (B,{c * p}), got {tuple(code.shape)}")
+        if self.cfg.appearance_chunks == "channel_major":
+            return code.view(code.shape[0], p, c)
+        return code.view(code.shape[0], c, p).transpose(1, 2)
 
     def adain_params(self, appearance_code: Tensor) -> list[tuple[Tensor, Tensor]]:
         """One (scale, bias) pair per AdaIN layer, in decoder order."""
         parts = self._parts(appearance_code)
-        out = []
+        cfg, out = self.cfg, []
+        if cfg.mlp_grouping == "per_block":
+            n = cfg.dec_res_blocks
+            for k in range(n):
+                chunk = parts[:, cfg.part_of_block(k)]
+                scales, biases = self.mlps[k](chunk).chunk(2, dim=1), self.mlps[n + k](chunk).chunk(2, dim=1)
+                out += [(scales[0], biases[0]), (scales[1], biases[1])]
+            return out
         for m, net in enumerate(self.mlps):
-            scale, bias = net(parts[:, self.cfg.part_of_block(m // 2)]).chunk(2, dim=1)
+            scale, bias = net(parts[:, cfg.part_of_block(m // 2)]).chunk(2, dim=1)
             out.append((scale, bias))
         return out
 

@@ -442,6 +442,26 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_dgnet(args: argparse.Namespace) -> int:
+    from reidgen.paths import resolve_data
+    from trainer.import_dgnet import import_dgnet
+
+    out = import_dgnet(args.gen, args.id, resolve_data(args.data), args.out, dis=args.dis, teacher=args.teacher,
+                       teacher_last_stride=args.teacher_last_stride)
+    teacher = f"; teacher {out.with_name(out.stem + '.teacher.pt')}" if args.teacher else ""
+    print(f"wrote {out} (DG-Net, paper preset, reference layout{'' if args.dis else ', D not imported'}{teacher})")
+    return 0
+
+
+def cmd_import_reid(args: argparse.Namespace) -> int:
+    from reidgen.paths import resolve_data
+    from trainer.import_dgnet import import_reid
+
+    out = import_reid(args.file, resolve_data(args.data), args.out, last_stride=args.last_stride)
+    print(f"wrote {out} (re-id: ResNet-50, average pooling, last stride {args.last_stride})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reidgen", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -717,6 +737,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="store_true",
                    help="confirm that OLD is your own file: converting it runs any code it contains")
     p.set_defaults(func=cmd_convert_checkpoint)
+
+    p = sub.add_parser("import-dgnet", help="a public DG-Net model (gen_*.pt, id_*.pt) as a reidgen checkpoint",
+                       description="Import the files of the DG-Net reference trainer (NVlabs/DG-Net: gen_XXXXXXXX.pt, "
+                                   "id_XXXXXXXX.pt, optionally dis_XXXXXXXX.pt and the teacher's net_last.pth) as "
+                                   "one reidgen DG-Net checkpoint (paper preset, reference generator layout) that "
+                                   "serve, generate, swap-grid, evaluate and quality accept. Files are read as "
+                                   "tensors only (weights_only=True). The classes are the sorted ids of --data's "
+                                   "training split, which must be the data set the model was trained on.")
+    p.add_argument("--gen", required=True, help="generator file gen_XXXXXXXX.pt")
+    p.add_argument("--id", required=True, help="appearance encoder file id_XXXXXXXX.pt")
+    p.add_argument("--dis", help="discriminator file dis_XXXXXXXX.pt (only needed to train on from the import)")
+    p.add_argument("--data", required=True, help="the data set it was trained on (Market-style folder or name)")
+    p.add_argument("--teacher", help="the teacher's net_last.pth: imported beside --out as OUT.teacher.pt and "
+                                     "recorded as the checkpoint's teacher (soft labels of batch jobs)")
+    p.add_argument("--teacher-last-stride", type=int, choices=[1, 2], default=2,
+                   help="the teacher's last stride (its opts.yaml 'stride'; default 2)")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.set_defaults(func=cmd_import_dgnet)
+
+    p = sub.add_parser("import-reid", help="the DG-Net reference's baseline teacher (net_last.pth) as a re-id checkpoint",
+                       description="Import a baseline ResNet-50 classifier of the DG-Net reference / "
+                                   "Person_reID_baseline (ft_net: torchvision ResNet-50 under 'model.', ClassBlock "
+                                   "head under 'classifier.') as a reidgen re-id checkpoint, for use as a teacher "
+                                   "or D_id. Read as tensors only (weights_only=True).")
+    p.add_argument("file", help="net_last.pth")
+    p.add_argument("--data", required=True, help="the data set it was trained on (Market-style folder or name)")
+    p.add_argument("--last-stride", type=int, choices=[1, 2], default=2,
+                   help="its last stride (opts.yaml 'stride'; default 2)")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.set_defaults(func=cmd_import_reid)
 
     p = sub.add_parser("demo", help="the main job, small and end to end on CPU (writes RUN/report.html)",
                        description="The main job on the embedded default (no Redis, no Docker), about 15 minutes on "
