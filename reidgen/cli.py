@@ -226,10 +226,20 @@ def cmd_swap_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+CRGAN_QUALITY_OPTIONS = ("targets", "target_split", "source_split", "k", "lpips_weights")
+
+
 def cmd_quality(args: argparse.Namespace) -> int:
     from trainer.quality import format_quality_table, measure_quality, run_folder
+    from trainer.quality_crgan import checkpoint_kind
 
-    report = measure_quality(args.checkpoint, args.data, teacher=args.teacher, n=args.n, seed=args.seed,
+    if checkpoint_kind(args.checkpoint) == "crgan":
+        return _quality_crgan(args)
+    given = [f"--{name.replace('_', '-')}" for name in CRGAN_QUALITY_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise ReidgenError(f"{', '.join(given)}: only for CR-GAN checkpoints; {args.checkpoint} is a DG-Net checkpoint")
+    report = measure_quality(args.checkpoint, args.data, teacher=args.teacher, n=2000 if args.n is None else args.n,
+                             seed=args.seed,
                              device=args.device, batch_size=args.batch_size)
     out = Path(args.out) if args.out else run_folder(args.checkpoint) / "quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +248,27 @@ def cmd_quality(args: argparse.Namespace) -> int:
         print(f"note: n = {report['n']} instead of {report['n_requested']}: the training split has too few images "
               "(2n are needed: n for the swaps and the real set, n for the real-vs-real floor)", file=sys.stderr)
     print(json.dumps(report, indent=2) if args.json else f"{format_quality_table(report)}\njson: {out}")
+    return 0
+
+
+def _quality_crgan(args: argparse.Namespace) -> int:
+    """`reidgen quality` on a CR-GAN checkpoint: instance guidance on held-out source × target pairs."""
+    from trainer.quality import run_folder
+    from trainer.quality_crgan import DEFAULT_K, format_crgan_quality_table, measure_crgan_quality
+
+    k = DEFAULT_K if args.k is None else args.k
+    report = measure_crgan_quality(args.checkpoint, args.data, targets=args.targets, id_model=args.teacher,
+                                   n=args.n if args.n is not None else 100 * k, k=k,
+                                   source_split=args.source_split or "train",
+                                   target_split=args.target_split or "gallery", lpips_weights=args.lpips_weights,
+                                   seed=args.seed, device=args.device, batch_size=args.batch_size)
+    out = Path(args.out) if args.out else run_folder(args.checkpoint) / "quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    if report["n"] < report["n_requested"]:
+        print(f"note: n = {report['n']} renderings instead of {report['n_requested']}: too few target (2n) or "
+              "source images, or unreadable ones", file=sys.stderr)
+    print(json.dumps(report, indent=2) if args.json else f"{format_crgan_quality_table(report)}\njson: {out}")
     return 0
 
 
@@ -288,6 +319,17 @@ def cmd_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_root_args(p: argparse.ArgumentParser, models: bool) -> None:
+    """The roots of a server (serve: --models is its models root): a job names files under them only."""
+    if models:
+        p.add_argument("--models-root", help="a job's checkpoint and teacher are model names under this folder "
+                                             "(default $REIDGEN_MODELS_ROOT or ./models)")
+    p.add_argument("--data-root", help="a job's data and target are data set names under this folder "
+                                       "(default $REIDGEN_DATA or ../shared/data beside the checkout)")
+    p.add_argument("--shards-root", help="a job's out is a folder name under this folder "
+                                         "(default $REIDGEN_SHARDS_ROOT or ./shards)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -301,7 +343,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.models, jobs=jobs, host=args.host, port=args.port, api_key_file=args.api_key_file, device=args.device,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
           batching=not args.no_batching, max_images=args.max_images, max_pixels=args.max_pixels,
-          request_timeout_s=args.timeout, mask_provider=args.masks)
+          request_timeout_s=args.timeout, mask_provider=args.masks, data_root=args.data_root,
+          shards_root=args.shards_root, max_job_records=args.max_job_records, max_job_tasks=args.max_job_tasks,
+          min_shard_size=args.min_shard_size, max_active_jobs=args.max_active_jobs,
+          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+          max_connections=args.max_connections)
     return 0
 
 
@@ -391,7 +437,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["REIDGEN_TORCH_THREADS"] = str(args.threads)
     if args.queue:
         os.environ["REIDGEN_QUEUE"] = args.queue
+    # The roots and timings go to the pool processes through the environment (Settings.from_env).
+    for flag, var in (("models_root", "REIDGEN_MODELS_ROOT"), ("data_root", "REIDGEN_DATA"),
+                      ("shards_root", "REIDGEN_SHARDS_ROOT"), ("heartbeat", "REIDGEN_HEARTBEAT_S"),
+                      ("lease", "REIDGEN_LEASE_S")):
+        if getattr(args, flag) is not None:
+            os.environ[var] = str(getattr(args, flag))
+    from generator_service.app import Settings
     from worker.celery_app import app, queue_name
+
+    Settings.from_env()  # bad timings fail here, in one line, not in every task
 
     argv = ["worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
             "--queues", queue_name(), "--without-gossip", "--without-mingle"]
@@ -601,23 +656,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=8, help="interpolation steps")
     p.set_defaults(func=cmd_swap_grid)
 
-    p = sub.add_parser("quality", help="generation quality of a DG-Net checkpoint: FID/KID, SSIM, identity",
-                       description="Measure a DG-Net checkpoint on n images of its training split: FID and KID of "
+    p = sub.add_parser("quality", help="generation quality of a DG-Net or CR-GAN checkpoint: FID/KID, diversity, "
+                                       "identity, CR-GAN's instance guidance",
+                       description="DG-Net checkpoint: measured on n images of its training split: FID and KID of "
                                    "cross-identity swaps G(a_i, s_j) against real images (Inception-v3 weights "
                                    "shipped offline) beside the real-vs-real floor at the same n, diversity SSIM "
                                    "(paper Table 1), self-reconstruction L1/SSIM, the teacher's identity "
-                                   "consistency of the swaps and the Fréchet distance of its features. Prints a "
-                                   "table and writes JSON.")
-    p.add_argument("--checkpoint", required=True, help="DG-Net checkpoint or run folder")
-    p.add_argument("--data", help="data set (default: the one the checkpoint was trained on)")
-    p.add_argument("--teacher", metavar="CKPT", help="re-id classifier judging identity (default: the checkpoint's)")
-    p.add_argument("--n", type=int, default=2000,
-                   help="images (swaps, and each real set); FID is biased at small n, compare at equal n")
+                                   "consistency of the swaps and the Fréchet distance of its features. "
+                                   "CR-GAN checkpoint: each of n/k source persons (training split, so D_id knows "
+                                   "them) is rendered into k targets of the target domain's held-out split: "
+                                   "own-target match rate (the rendering's background is nearest its own target's; "
+                                   "chance 1/k), diversity across the k renderings (Inception features; LPIPS with "
+                                   "--lpips-weights), D_id identity preservation, FID/KID to the targets beside the "
+                                   "real floor, foreground L1 on the source's person. The kind is read from the "
+                                   "checkpoint. Prints a table and writes JSON.")
+    p.add_argument("--checkpoint", required=True, help="DG-Net or CR-GAN checkpoint, or run folder")
+    p.add_argument("--data", help="data set (default: the one the checkpoint was trained on; CR-GAN: the source)")
+    p.add_argument("--teacher", metavar="CKPT", help="re-id classifier judging identity (default: the checkpoint's "
+                                                     "teacher; CR-GAN: its D_id, --id-model of train-crgan)")
+    p.add_argument("--n", type=int,
+                   help="images: DG-Net swaps and each real set (default 2000); CR-GAN renderings = n/k sources × k "
+                        "targets, and each real target set (default 100·k). FID is biased at small n: compare at "
+                        "equal n")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample and the pairs")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (CR-GAN: renderings)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="JSON file to write (default RUN/quality.json)")
     p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    c = p.add_argument_group("CR-GAN checkpoints only")
+    c.add_argument("--targets", metavar="DATA", help="target-domain data set whose contexts are used (default: the "
+                                                     "checkpoint's --target)")
+    c.add_argument("--target-split", choices=["train", "query", "gallery"],
+                   help="split the targets come from (default gallery: held out, never seen in training)")
+    c.add_argument("--source-split", choices=["train", "query", "gallery"],
+                   help="split the source persons come from (default train: identity preservation needs identities "
+                        "D_id knows; with another split it is left out)")
+    c.add_argument("--k", type=int, help="targets per source (default 6; own-target chance is 1/k)")
+    c.add_argument("--lpips-weights", metavar="PTH",
+                   help="torchvision's ImageNet AlexNet state dict (alexnet-owt-7be5be79.pth) to add LPIPS "
+                        "diversity; nothing is downloaded, without it LPIPS is left out")
     p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser("render-grid", help="PNG of source persons rendered into target contexts by CR-GAN",
@@ -665,14 +742,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/v1/readyz, /v1/metrics; OpenAPI at /docs. Binds 127.0.0.1 unless --host says "
                                    "otherwise. With an API key (--api-key-file or $REIDGEN_API_KEY) every endpoint but "
                                    "health and readiness requires it (X-API-Key or Authorization: Bearer).")
-    p.add_argument("--models", required=True, help="folder of checkpoints or run folders")
+    p.add_argument("--models", "--models-root", dest="models", required=True,
+                   help="folder of checkpoints or run folders: the models served, and the models root a job's "
+                        "checkpoint and teacher are named under")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", help="file whose first line is the API key")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-batch", type=int, default=16, help="most images per model call")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    p.add_argument("--queue-size", type=int, default=64, help="queued requests before 503 + Retry-After")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="images waiting for the device before 503 + Retry-After (checked before a body is read)")
     p.add_argument("--no-batching", action="store_true", help="run every request alone (for comparison)")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per input image")
@@ -682,6 +762,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", action=argparse.BooleanOptionalAction, default=None,
                    help="serve /v1/jobs, queueing batch generation on the Celery workers at $REDIS_URL "
                         "(default: on when REDIS_URL is set)")
+    _add_root_args(p, models=False)
+    g = p.add_argument_group("job bounds")
+    g.add_argument("--max-job-records", type=int, help="records per job (default 2000000)")
+    g.add_argument("--max-job-tasks", type=int, help="shards (tasks) per job (default 10000)")
+    g.add_argument("--min-shard-size", type=int, help="records per shard of a job of several shards (default 64)")
+    g.add_argument("--max-active-jobs", type=int, help="jobs queued or running at once; more get 429 (default 16)")
+    g = p.add_argument_group("connections")
+    g.add_argument("--header-timeout", type=float, help="seconds for a request's head to arrive (default 10)")
+    g.add_argument("--body-timeout", type=float, help="seconds for its body to arrive after the head (default 60)")
+    g.add_argument("--keep-alive", type=float, help="seconds an idle kept-alive connection stays open (default 5)")
+    g.add_argument("--max-connections", type=int, help="open connections at once; more are closed (default 256)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="batch generation into LMDB shards (in-process, or --submit to Celery)",
@@ -708,6 +799,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="torch threads per pool process")
     p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
+    _add_root_args(p, models=True)
+    p.add_argument("--heartbeat", type=float,
+                   help="seconds between a running shard's lease renewals (default $REIDGEN_HEARTBEAT_S or 10)")
+    p.add_argument("--lease", type=float,
+                   help="seconds without a renewal after which a shard's worker counts as lost and the shard is "
+                        "queued again (default $REIDGEN_LEASE_S or 30)")
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=cmd_worker)
 
