@@ -213,9 +213,10 @@ def import_reid(path: str | Path, data: str | Path, out: str | Path, last_stride
     source = read_reference_state(path, "teacher file", entry=None)
     _require_classes(source, "classifier.classifier.0.weight", label_map, what, data)
     config = reference_teacher_config(last_stride)
-    net = ReidNet(config, len(label_map))
-    target = net.state_dict()
-    state = translate(source, reid_names(net), target, what)
+    with torch.device("meta"):  # names and shapes only: every value comes from the file
+        net = ReidNet(config, len(label_map))
+    state = translate(source, reid_names(net), net.state_dict(), what)
+    net = net.to_empty(device="cpu")
     net.load_state_dict(state, strict=True)
     return save_checkpoint(out, "reid", {
         "model_config": config_to_dict(config), "label_map": label_map.to_list(), "model": net.state_dict(),
@@ -236,16 +237,15 @@ def import_dgnet(gen: str | Path, ea: str | Path, data: str | Path, out: str | P
     label_map = data_label_map(data)
     paper: DGNetConfig = DGNET_PRESETS["paper"]
     cfg = replace(paper, generator=with_layout(paper.generator, "reference"))
-    torch.manual_seed(seed)
-    net = DGNet(cfg, len(label_map))
-    reference_init([net.es, net.dec], net.dis)
+    with torch.device("meta"):  # names and shapes only, until every file has been checked
+        net = DGNet(cfg, len(label_map))
     target = net.state_dict()
 
-    gen_state = read_reference_state(gen, "generator file")
+    state = translate(read_reference_state(gen, "generator file"), generator_names(net), target,
+                      f"generator file {gen}")
     ea_state = read_reference_state(ea, "appearance encoder file")
     _require_classes(ea_state, "classifier1.classifier.0.weight", label_map, f"appearance encoder file {ea}", data)
     _require_classes(ea_state, "classifier2.classifier.0.weight", label_map, f"appearance encoder file {ea}", data)
-    state = translate(gen_state, generator_names(net), target, f"generator file {gen}")
     ea_names = {f"ea.{k}": v for k, v in appearance_names(net.ea).items()}
     state.update(translate(ea_state, ea_names, target, f"appearance encoder file {ea}"))
     sources = {"gen": Path(gen).name, "id": Path(ea).name, "gen_sha256_16": file_identity(gen),
@@ -254,8 +254,11 @@ def import_dgnet(gen: str | Path, ea: str | Path, data: str | Path, out: str | P
         dis_state = read_reference_state(dis, "discriminator file")
         state.update(translate(dis_state, discriminator_names(net), target, f"discriminator file {dis}"))
         sources.update(dis=Path(dis).name, dis_sha256_16=file_identity(dis))
-    else:
-        state.update({k: v for k, v in target.items() if k.startswith("dis.")})
+    net = net.to_empty(device="cpu")
+    if dis is None:  # D starts where train-dgnet starts it
+        torch.manual_seed(seed)
+        reference_init([], net.dis)
+        state.update({k: v for k, v in net.state_dict().items() if k.startswith("dis.")})
         sources["dis"] = None
     net.load_state_dict(state, strict=True)
 
