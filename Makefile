@@ -48,3 +48,17 @@ bench-loader: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The Docker deployment, run for real (needs Docker and Docker Compose v2.24+; docker/README.md).
+# Not part of `make test`: CI has no Docker engine. local-base: the Debian base image for machines
+# without a registry (root, debootstrap); compose-e2e: docker/e2e.sh, the whole stack end to end.
+.PHONY: local-base compose-e2e
+
+local-base:
+	docker/local-base.sh
+
+# The CPU run builds the local base first when it is missing (E2E_GPU=1: the CUDA base instead).
+compose-e2e:
+	if [ "$${E2E_GPU:-0}" != 1 ] && ! docker image inspect $${LOCAL_BASE_IMAGE:-reidgen-base:bookworm} >/dev/null 2>&1; then \
+	    docker/local-base.sh $${LOCAL_BASE_IMAGE:-reidgen-base:bookworm}; fi
+	docker/e2e.sh

@@ -761,3 +761,213 @@ def test_redis_url_refuses_a_bad_password_file(monkeypatch, tmp_path, text, url,
     with pytest.raises(ReidgenError, match=message) as err:
         redis_url()
     assert "inline" not in str(err.value)  # the URL's own password is never echoed
+
+
+# -- the CPU / registry-less override (docker-compose.cpu.yml) and the image build ---------------
+# Run for real by docker/e2e.sh (`make compose-e2e`, needs Docker); checked here offline.
+CPU_FILE = REPO / "docker-compose.cpu.yml"
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+CUDA_BASE = re.compile(r"pytorch/pytorch:[\w.-]*cuda[\w.-]*")
+
+
+class _Reset:  # Compose's `!reset`: drop the value of the files before
+    pass
+
+
+class _Override:  # Compose's `!override`: replace the value of the files before, no merging
+    def __init__(self, value):
+        self.value = value
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
+
+
+def _construct_override(loader: yaml.SafeLoader, node: yaml.Node) -> _Override:
+    if isinstance(node, yaml.SequenceNode):
+        return _Override(loader.construct_sequence(node, deep=True))
+    if isinstance(node, yaml.MappingNode):
+        return _Override(loader.construct_mapping(node, deep=True))
+    return _Override(loader.construct_scalar(node))
+
+
+ComposeLoader.add_constructor("!override", _construct_override)
+
+
+def merge(base, over):
+    """Compose's merge of a later file into an earlier one, as far as these files need it:
+    mappings merge key by key, `!reset` removes, `!override` and everything else replace."""
+    if isinstance(over, _Override):
+        return over.value
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            if isinstance(value, _Reset):
+                out.pop(key, None)
+            else:
+                out[key] = merge(base.get(key), value)
+        return out
+    return over
+
+
+def cpu_override() -> dict:
+    return yaml.load(interpolate(CPU_FILE.read_text()), Loader=ComposeLoader)
+
+
+def cpu_compose() -> dict:
+    return merge(compose(), cpu_override())
+
+
+def test_the_merge_follows_compose():
+    """The stand-in for Compose's merge is not vacuous."""
+    base = {"a": {"x": 1, "y": [1]}, "b": {"deploy": {"r": 1}, "k": 2}}
+    over = yaml.load("a: {y: [2], z: 3}\nb: {deploy: !reset {}}\nc: !override [1]\n", Loader=ComposeLoader)
+    assert merge(base, over) == {"a": {"x": 1, "y": [2], "z": 3}, "b": {"k": 2}, "c": [1]}
+
+
+def test_cpu_override_is_valid_and_reserves_no_gpu():
+    doc = cpu_compose()
+    assert schema_errors(doc) == []
+    text = json.dumps(doc["services"])  # (the x-gpu anchor of docker-compose.yml stays, unused)
+    assert "nvidia" not in text, "a GPU reservation is left on the CPU override"
+    for name, svc in doc["services"].items():
+        assert "devices" not in json.dumps(svc.get("deploy", {})) and "runtime" not in svc, name
+    assert set(doc["services"]) == set(compose()["services"]), "the override adds or drops services"
+
+
+def test_cpu_override_changes_only_the_base_gpus_and_redis():
+    """Secrets, volumes, health checks, commands and environment stay docker-compose.yml's: what
+    e2e.sh runs on the CPU is the lab's deployment."""
+    base, merged = compose(), cpu_compose()
+    allowed = {"build", "deploy", "image"}
+    for name, svc in merged["services"].items():
+        for key in set(svc) | set(base["services"][name]):
+            if key not in allowed:
+                assert svc.get(key) == base["services"][name].get(key), f"{name}.{key} differs on the CPU"
+    for name in ("api", "worker", "trainer", "flower"):
+        build, base_build = merged["services"][name]["build"], base["services"][name]["build"]
+        assert {k: v for k, v in build.items() if k != "args"} == base_build, name
+        assert build["args"]["BASE_IMAGE"] == "reidgen-base:bookworm", name  # docker/local-base.sh's default
+        assert merged["services"][name]["image"] == base["services"][name]["image"], name
+    outside = {k: v for k, v in merged.items() if k != "services" and not k.startswith("x-")}
+    assert outside == {k: v for k, v in base.items() if k != "services" and not k.startswith("x-")}
+
+
+def test_local_base_script_makes_the_image_the_override_names():
+    script = (REPO / "docker" / "local-base.sh").read_text()
+    assert re.search(r'IMAGE="\$\{1:-reidgen-base:bookworm\}"', script)
+    packages = re.search(r"^PACKAGES=(\S+)", script, re.M).group(1).split(",")
+    # python/pip for the reidgen stage (python-is-python3: `python` as the Dockerfile and the health
+    # checks call it), useradd (passwd), redis-server and redis-cli (the redis stage and its probe).
+    assert {"python3", "python3-venv", "python-is-python3", "ca-certificates", "passwd",
+            "redis-server", "redis-tools"} <= set(packages)
+    assert "debootstrap --variant=minbase" in script and "docker import" in script
+    assert subprocess.run(["sh", "-n", str(REPO / "docker" / "local-base.sh")]).returncode == 0
+
+
+def test_redis_on_the_cpu_override_is_built_from_the_local_base():
+    """No registry: redis is the Dockerfile's `redis` stage (Debian's redis-server), which has the
+    docker-entrypoint.sh that docker-compose.yml's redis command execs."""
+    redis_svc = cpu_compose()["services"]["redis"]
+    build = redis_svc["build"]
+    assert (build["context"], build["dockerfile"], build["target"]) == (".", "docker/Dockerfile", "redis")
+    assert build["args"]["REDIS_BASE_IMAGE"] == "reidgen-base:bookworm"
+    assert not redis_svc["image"].startswith("redis:"), "the override must not pull redis from Docker Hub"
+    stage = dockerfile_stages(DOCKERFILE)["redis"]
+    assert stage["base"] == "${REDIS_BASE_IMAGE}" and stage["entrypoint"] == ["docker-entrypoint.sh"]
+    copy = re.search(r"^COPY (docker/\S+) /usr/local/bin/docker-entrypoint\.sh$", DOCKERFILE.read_text(), re.M)
+    assert copy and (REPO / copy.group(1)).exists()
+    assert "docker/redis-entrypoint.sh" == copy.group(1)
+    assert re.search(r"\bexec docker-entrypoint\.sh redis-server\b", redis_script(cpu_compose()))
+
+
+def test_redis_entrypoint_runs_other_commands_as_given(tmp_path):
+    """Only `redis-server` started as root is switched to the redis user; anything else (a shell in
+    the container, redis-cli) runs as given, with its arguments intact."""
+    result = subprocess.run(["sh", str(REPO / "docker" / "redis-entrypoint.sh"), "sh", "-c", 'echo "$0|$1"', "a b", "c"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=10)
+    assert (result.returncode, result.stdout) == (0, "a b|c\n"), result.stderr
+    script = (REPO / "docker" / "redis-entrypoint.sh").read_text()
+    assert re.search(r'exec setpriv --reuid=redis --regid=redis --init-groups "\$@"', script)
+
+
+# -- the image build: base image argument, CA bundle secret -----------------------------------------
+def dockerfile_args() -> dict[str, str]:
+    """The ARG defaults declared before the first FROM (the ones FROM lines may use)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    head = text[:re.search(r"^FROM ", text, re.M).start()]
+    return dict((m.group(1), m.group(2)) for m in re.finditer(r"^ARG (\w+)=(\S*)", head, re.M))
+
+
+def test_base_image_is_a_build_argument_defaulting_to_the_cuda_pytorch_image():
+    args = dockerfile_args()
+    assert CUDA_BASE.fullmatch(args["BASE_IMAGE"]), args["BASE_IMAGE"]
+    assert dockerfile_stages(DOCKERFILE)["reidgen"]["base"] == "${BASE_IMAGE}"
+    assert "args" not in compose()["services"]["api"]["build"]  # labs get the default: CUDA
+
+
+def test_the_ca_bundle_is_a_build_secret_never_baked_in():
+    """Every pip install of the build runs with the optional `ca_bundle` secret mounted, through
+    docker/pip.sh; no instruction copies a certificate into the image or points pip at one."""
+    stages = dockerfile_stages(DOCKERFILE)
+    pip_runs = [run for s in stages.values() for run in s["run"] if "pip" in run]
+    assert len(pip_runs) >= 3
+    for run in pip_runs:
+        assert run.startswith("--mount=type=secret,id=ca_bundle "), run
+        assert not re.search(r"(?<![\w-])pip install", run), f"pip without the CA secret: {run}"
+        assert "required" not in run.split()[0], "the secret must stay optional"
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^COPY docker/pip\.sh /usr/local/bin/reidgen-pip$", text, re.M)
+    assert not re.search(r"(?i)^(COPY|ADD)\s.*(\.crt|\.pem|ca-cert|ca_bundle)", text, re.M)
+    for stage in stages.values():
+        assert not {"PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"} & set(stage["env"])
+
+
+def _fake_python(folder: Path, certifi: Path, seen: Path) -> None:
+    """A `python` for docker/pip.sh: `-c ...certifi...` prints a stand-in certifi bundle, `-m pip`
+    records $PIP_CERT's path and contents."""
+    _stub(folder, "python", f'''case "$1" in
+  -c) echo "{certifi}" ;;
+  -m) {{ echo "cert=${{PIP_CERT:-none}}"; echo "args=$*"; [ -z "${{PIP_CERT:-}}" ] || cat "$PIP_CERT"; }} > "{seen}" ;;
+esac''')
+
+
+def test_pip_wrapper_adds_the_secret_to_pips_bundle_and_removes_the_copy(tmp_path):
+    bin_dir, certifi, secret, seen = tmp_path / "bin", tmp_path / "certifi.pem", tmp_path / "ca", tmp_path / "seen"
+    bin_dir.mkdir()
+    certifi.write_text("CERTIFI\n")
+    _fake_python(bin_dir, certifi, seen)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CA_BUNDLE_SECRET": str(secret),
+           "TMPDIR": str(tmp_path)}
+    env.pop("PIP_CERT", None)
+    wrapper = str(REPO / "docker" / "pip.sh")
+    # No secret: plain pip.
+    assert subprocess.run(["sh", wrapper, "install", "x"], env=env, timeout=10).returncode == 0
+    assert seen.read_text().splitlines()[:2] == ["cert=none", "args=-m pip install x"]
+    # With the secret: pip's bundle plus the extra certificates, in a file gone afterwards.
+    secret.write_text("PROXY-CA\n")
+    assert subprocess.run(["sh", wrapper, "install", "x"], env=env, timeout=10).returncode == 0
+    lines = seen.read_text().splitlines()
+    cert = Path(lines[0].removeprefix("cert="))
+    assert lines[2:] == ["CERTIFI", "PROXY-CA"]
+    assert cert.parent == Path("/tmp") or cert.parent == tmp_path
+    assert not cert.exists(), "the combined bundle must be removed when pip ends"
+
+
+# -- the end-to-end script and its make target ---------------------------------------------------
+def test_e2e_script_parses_and_is_not_part_of_make_test():
+    e2e = REPO / "docker" / "e2e.sh"
+    assert subprocess.run(["bash", "-n", str(e2e)]).returncode == 0
+    assert os.access(e2e, os.X_OK) and os.access(REPO / "docker" / "local-base.sh", os.X_OK)
+    makefile = (REPO / "Makefile").read_text()
+    targets = dict(re.findall(r"^([\w-]+):([^\n=]*)$", makefile, re.M))
+    assert "docker/e2e.sh" in makefile.split("\ncompose-e2e:", 1)[1].split("\n\n")[0]
+    assert "compose-e2e" not in targets["test"] and "e2e" not in makefile.split("\ntest:", 1)[1].split("\n\n")[0]
+    text = e2e.read_text()
+    # It tears down what it started (containers and volumes) and talks to loopback only.
+    assert re.search(r"down -v\b", text) and "trap cleanup EXIT" in text
+    assert re.findall(r"http://([\w.]+):", text) == ["127.0.0.1"] * len(re.findall(r"http://([\w.]+):", text))
+    assert r'ports: !override [\"127.0.0.1:$PORT:8000\"]' in text  # the api published on loopback only
