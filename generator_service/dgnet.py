@@ -6,14 +6,16 @@ re-id backbone and is what the trainer, the service, the workers and `reidgen ev
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from generator_service.backbones import build_backbone
-from generator_service.checkpoint import load_checkpoint, load_state
+from generator_service.checkpoint import file_identity, load_checkpoint, load_state, resolve_checkpoint, save_checkpoint
 from generator_service.dgnet_nets import PRESETS as GENERATOR_PRESETS
 from generator_service.dgnet_nets import (
     Decoder,
@@ -24,6 +26,7 @@ from generator_service.dgnet_nets import (
 )
 from generator_service.reid_model import ClassifierHead
 from reidgen.config import config_from_dict
+from reidgen.errors import ReidgenError
 
 
 @dataclass(frozen=True)
@@ -92,15 +95,24 @@ class AppearanceEncoder(nn.Module):
 
 
 class DGNet(nn.Module):
-    """E_a, E_s, G, D together, with the generation API used everywhere else."""
+    """E_a, E_s, G, D together, with the generation API used everywhere else.
 
-    def __init__(self, cfg: DGNetConfig, num_classes: int, pretrained: str = "none"):
+    Public API (images are normalised B×3×H×W tensors):
+    ``DGNet.from_checkpoint(path)`` → (model in eval mode, checkpoint dict), for a training
+    checkpoint, a run folder or an inference export (`export_inference`);
+    ``encode_appearance(x)`` → appearance code B×C×parts×1; ``encode_structure(x)`` → structure
+    code; ``decode(appearance, structure)`` → images; ``swap`` and ``interpolate`` on images;
+    ``ea(x)`` → (code, (logits_prim, logits_fine), (f_prim, f_fine)).
+    ``discriminator=False`` leaves D out (``dis`` is None): what an inference export holds.
+    """
+
+    def __init__(self, cfg: DGNetConfig, num_classes: int, pretrained: str = "none", discriminator: bool = True):
         super().__init__()
         self.cfg = cfg
         self.ea = AppearanceEncoder(cfg, num_classes, pretrained)
         self.es = StructureEncoder(cfg.generator)
         self.dec = Decoder(cfg.generator)
-        self.dis = MultiScaleDiscriminator(cfg.generator)
+        self.dis = MultiScaleDiscriminator(cfg.generator) if discriminator else None
 
     # -- generation API (images are normalised tensors B×3×H×W) --------------------------------
     def encode_appearance(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +154,38 @@ class DGNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, path) -> tuple["DGNet", dict]:
         ckpt = load_checkpoint(path, "dgnet")
-        model = cls(config_from_dict(DGNetConfig, ckpt["model_config"]), len(ckpt["label_map"]))
+        model = cls(config_from_dict(DGNetConfig, ckpt["model_config"]), len(ckpt["label_map"]),
+                    discriminator=not ckpt.get("inference_only", False))
         load_state(model, ckpt["model"], f"checkpoint {path}")
         return model.eval(), ckpt
+
+
+# Keys of a checkpoint that inference reads (the rest is training state: optimisers, RNG, step).
+# train_config stays: batch jobs find the teacher for soft labels there.
+_INFERENCE_KEYS = ("model_config", "label_map", "train_config", "imported_from")
+
+
+def export_inference(source: str | Path, out: str | Path) -> Path:
+    """Write the inference part of a DG-Net checkpoint or run: E_a with its heads, E_s, G, the
+    configuration and label map, and where it came from; no D, no optimiser or RNG state.
+
+    The file is an ordinary reidgen checkpoint of kind "dgnet" marked ``inference_only``: tensors
+    and plain data, read with ``weights_only=True`` like every other, so ``serve --models`` and job
+    specs take it as they take the full checkpoint. Training cannot resume from it."""
+    path = resolve_checkpoint(source)
+    ckpt = load_checkpoint(path, "dgnet")
+    out = Path(out)
+    if out.resolve() == path.resolve():
+        raise ReidgenError(f"write the export to a new file, not over {path}")
+    payload = {k: ckpt[k] for k in _INFERENCE_KEYS if k in ckpt}
+    payload["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("dis.")}
+    payload["inference_only"] = True
+    payload["exported_from"] = {"file": path.name, "sha256_16": file_identity(path), "step": ckpt.get("step")}
+    # Check it loads before anyone relies on it: the configuration still builds and every key fits.
+    with torch.device("meta"):  # names and shapes only
+        model = DGNet(config_from_dict(DGNetConfig, payload["model_config"]), len(payload["label_map"]),
+                      discriminator=False)
+    with warnings.catch_warnings():  # loading into meta tensors checks names and shapes and copies nothing
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        load_state(model, payload["model"], f"export of {path}")
+    return save_checkpoint(out, "dgnet", payload)

@@ -484,6 +484,21 @@ def cmd_import_dgnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import time
+
+    from generator_service.checkpoint import resolve_checkpoint
+    from generator_service.dgnet import export_inference
+
+    t0 = time.perf_counter()
+    out = export_inference(args.run, args.out)
+    source = resolve_checkpoint(args.run)
+    mb = 1024 * 1024
+    print(f"wrote {out}: {out.stat().st_size / mb:.1f} MiB (from {source}, {source.stat().st_size / mb:.1f} MiB) "
+          f"in {time.perf_counter() - t0:.1f} s; inference only: E_a, E_s, G, configuration and label map")
+    return 0
+
+
 def cmd_import_reid(args: argparse.Namespace) -> int:
     from reidgen.paths import resolve_data
     from trainer.import_dgnet import import_reid
@@ -808,6 +823,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the teacher's last stride (its opts.yaml 'stride'; default 2)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.set_defaults(func=cmd_import_dgnet)
+
+    p = sub.add_parser("export", help="the inference part of a DG-Net run or checkpoint (no D, no optimiser state)",
+                       description="Write E_a with its heads, E_s, G, the configuration, the label map and the "
+                                   "teacher's path (for batch jobs' soft labels) of a DG-Net run folder or checkpoint "
+                                   "to one file: no discriminator, optimiser or RNG state. It is a reidgen checkpoint "
+                                   "of tensors and plain data (read with weights_only=True), so serve --models and "
+                                   "job specs accept it like the full one; training cannot resume from it.")
+    p.add_argument("run", help="DG-Net run folder or checkpoint")
+    p.add_argument("--out", required=True, help="file to write (e.g. models/market.pt)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-reid", help="the DG-Net reference's baseline teacher (net_last.pth) as a re-id checkpoint",
                        description="Import a baseline ResNet-50 classifier of the DG-Net reference / "

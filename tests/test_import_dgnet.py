@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from generator_service.checkpoint import load_checkpoint, save_checkpoint
-from generator_service.dgnet import DGNet, DGNetConfig
+from generator_service.dgnet import DGNet, DGNetConfig, export_inference
 from generator_service.dgnet_nets import (
     ASPP,
     LAYOUTS,
@@ -357,3 +357,41 @@ def test_without_dis_d_starts_from_the_reference_init(reference_files, data4, tm
     biases = [v for k, v in ckpt["model"].items() if k.startswith("dis.") and k.endswith("bias")]
     assert all(torch.isfinite(w).all() for w in weights) and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
     assert abs(torch.cat([w.flatten() for w in weights]).std().item() - 0.02) < 0.002
+
+
+# ---- inference export ---------------------------------------------------------------------------
+
+
+def test_export_serves_the_same_images_without_d_or_optimiser_state(tmp_path, capsys) -> None:
+    from generator_service.engine import Engine
+
+    cfg = DGNetConfig(preset="small", backbone="small_cnn", generator=replace(SMALL, appearance_channels=256))
+    torch.manual_seed(0)
+    net = DGNet(cfg, num_classes=3)
+    run = tmp_path / "run"
+    opt = torch.optim.Adam(net.parameters())
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    save_checkpoint(run / "checkpoints" / "last.pt", "dgnet", {
+        "model_config": config_to_dict(cfg), "train_config": {"teacher": "/somewhere/teacher.pt"},
+        "label_map": [3, 5, 8], "model": net.state_dict(), "optimizers": [opt.state_dict()], "step": 7, "rng": []})
+    out = tmp_path / "models" / "exported.pt"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert "MiB" in capsys.readouterr().out
+
+    ckpt = load_checkpoint(out, "dgnet")
+    assert ckpt["inference_only"] is True and ckpt["exported_from"]["step"] == 7
+    assert not any(k.startswith("dis.") for k in ckpt["model"]) and "optimizers" not in ckpt and "rng" not in ckpt
+    assert ckpt["label_map"] == [3, 5, 8] and ckpt["train_config"]["teacher"] == "/somewhere/teacher.pt"
+    assert out.stat().st_size < 0.5 * (run / "checkpoints" / "last.pt").stat().st_size
+
+    exported, _ = DGNet.from_checkpoint(out)
+    assert exported.dis is None
+    a, s = torch.randn(2, 3, 128, 64), torch.randn(3, 3, 128, 64)
+    engines = [Engine.from_checkpoint(p, "cpu") for p in (run, out)]
+    images = [e.swap_batch(a, s, grid=True) for e in engines]
+    assert images[0].shape == (2, 3, 3, 128, 64)
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
+    with pytest.raises(ReidgenError, match="new file"):
+        export_inference(out, out)
