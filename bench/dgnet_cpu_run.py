@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import write_results  # noqa: E402
 
-KEYS = ("identity_consistency", "structure_identity_share", "reconstruction_ssim", "reconstruction_l1", "fid",
+KEYS = ("identity_consistency", "structure_identity_share", "reconstruction_identity", "real_identity",
+        "reconstruction_ssim", "reconstruction_l1", "fid",
         "kid", "kid_std", "fid_real", "kid_real", "diversity_ssim", "diversity_ssim_real", "teacher_fd", "step")
 
 
@@ -59,6 +60,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=500, help="images per quality measurement (FID is biased at small n)")
     ap.add_argument("--data", help="query/gallery data set (default: the run's training data)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--results", default="dgnet_cpu_run",
+                    help="name of the JSON under bench/results/ (another name keeps an earlier run's figures)")
     args = ap.parse_args()
 
     from generator_service.checkpoint import load_checkpoint
@@ -74,9 +77,8 @@ def main() -> int:
         # A measurement already made at this n (e.g. with `reidgen quality --out`, while the run
         # went on) is reused: RUN/quality_<snapshot>_n<N>.json.
         cached = run / f"quality_{path.stem}_n{args.n}.json"
-        if cached.is_file():
-            report = json.loads(cached.read_text())
-        else:
+        report = json.loads(cached.read_text()) if cached.is_file() else {}
+        if not set(KEYS) <= set(report):  # missing, or made before a figure was added
             report = measure_quality(path, data, n=args.n, device=args.device)
             cached.write_text(json.dumps(report, indent=2))
         blocks[name] = {k: report[k] for k in KEYS}
@@ -96,7 +98,7 @@ def main() -> int:
         "reconstruction_ssim>=0.5": final_q["reconstruction_ssim"] >= 0.5,
         "dgnet_mAP>=teacher_mAP": reid["dgnet"]["mAP"] >= reid["teacher"]["mAP"],
     }
-    write_results("dgnet_cpu_run", {
+    write_results(args.results, {
         "device": args.device, "run": str(run), "data": str(data), "teacher": str(teacher),
         "iterations": final["step"], "train_config": final["train_config"], "train_hours": round(hours, 3),
         "quality_n": args.n, **blocks, "reid": reid, "targets_met": targets,
