@@ -164,6 +164,18 @@ class JobError(BaseModel):
                                    "(a dgnet_random_structures job needs one)"])
 
 
+class JobEvent(BaseModel):
+    """Something that happened to a job on its way, not a failure: a shard redone after its worker
+    was lost."""
+
+    shard: int | None = Field(None, description="the shard concerned")
+    code: str = Field(description="stable machine-readable code: worker_lost", examples=["worker_lost"])
+    message: str = Field(description="what happened, for the user",
+                         examples=["the worker making this shard stopped sending heartbeats for 30 s (killed or "
+                                   "lost); the shard was queued again and its partial output discarded"])
+    at: float = Field(description="when (Unix time)")
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -177,3 +189,5 @@ class JobStatus(BaseModel):
     errors: list[str] = Field(default_factory=list, description="the lines of error_details, as "
                                                                "'shard N: code: message' (for older clients)")
     error_details: list[JobError] = Field(default_factory=list)
+    shards_redone: int = Field(0, description="shards queued again because their worker was lost")
+    events: list[JobEvent] = Field(default_factory=list, description="shards redone, and why")

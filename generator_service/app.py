@@ -19,12 +19,14 @@ import base64
 import binascii
 import hmac
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -88,6 +90,7 @@ from generator_service.images import (
     to_pil,
 )
 from reidgen.errors import ReidgenError, public_message
+from reidgen.paths import data_root
 
 log = logging.getLogger("reidgen.service")
 
@@ -97,9 +100,17 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
+ENV_MODELS_ROOT = "REIDGEN_MODELS_ROOT"
+ENV_SHARDS_ROOT = "REIDGEN_SHARDS_ROOT"
+ENV_HEARTBEAT = "REIDGEN_HEARTBEAT_S"
+ENV_LEASE = "REIDGEN_LEASE_S"
+
+
 @dataclass
 class Settings:
-    """Limits and switches of one deployment (the models and batching live in the `Engine`)."""
+    """The settings of one deployment, for `reidgen serve` and `reidgen worker` alike (the models
+    and batching live in the `Engine`). Flags fill them; `from_env` gives the environment's
+    defaults (what a worker's pool processes read)."""
 
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
@@ -110,6 +121,61 @@ class Settings:
     request_timeout_s: float = 30.0
     batching: bool = True         # False: every request runs alone (same queue, no merging)
     docs: bool = True             # serve /docs (the OpenAPI document is always served)
+    # Roots: over HTTP a job names its checkpoint and teacher under models_root, its data sets
+    # under data_root and its output folder under shards_root (None: not confined, in-process use).
+    models_root: Path | None = None
+    data_root: Path | None = None
+    shards_root: Path | None = None
+    # Jobs: bounded in records, tasks and how many are queued or running at once.
+    max_job_records: int = 2_000_000
+    max_job_tasks: int = 10_000   # shards of one job (one task each)
+    min_shard_size: int = 64      # records per shard, unless the whole job fits in one shard
+    max_active_jobs: int = 16     # jobs queued or running; more → 429
+    dispatch_window: int = 64     # tasks queued at submission; each finished shard queues the next
+    max_job_body_bytes: int = 64 * 1024
+    # JSON bodies: bounded in structure before they are parsed.
+    max_json_items: int = 4096    # object members + array elements of one body
+    max_json_depth: int = 32
+    # Connections (uvicorn, generator_service.serve): slow clients are closed, connections capped.
+    header_timeout_s: float = 10.0  # a request's head must arrive within this
+    body_timeout_s: float = 60.0    # its body within this, from the head
+    keep_alive_s: float = 5.0       # an idle kept-alive connection is closed after this
+    max_connections: int = 256
+    # Workers: a running shard renews its lease every heartbeat_s; a lease not renewed for
+    # lease_s means its worker is gone, and the shard is queued again.
+    heartbeat_s: float = 10.0
+    lease_s: float = 30.0
+
+    def __post_init__(self):
+        for name in ("models_root", "data_root", "shards_root"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value).expanduser().resolve())
+        if not 0 < self.heartbeat_s < self.lease_s:
+            raise ReidgenError(f"heartbeat ({self.heartbeat_s:g} s) must be above 0 and below the lease "
+                               f"({self.lease_s:g} s)")
+
+    @property
+    def confined(self) -> bool:
+        return None not in (self.models_root, self.data_root, self.shards_root)
+
+    @classmethod
+    def from_env(cls, **given) -> Settings:
+        """Settings with the environment's roots and worker timings where ``given`` has none:
+        ``$REIDGEN_MODELS_ROOT`` (default ./models), ``$REIDGEN_DATA`` (default ../shared/data beside
+        the checkout), ``$REIDGEN_SHARDS_ROOT`` (default ./shards), ``$REIDGEN_HEARTBEAT_S``,
+        ``$REIDGEN_LEASE_S``."""
+        defaults: dict[str, Any] = {"models_root": os.environ.get(ENV_MODELS_ROOT) or "models",
+                                    "data_root": data_root(), "shards_root": os.environ.get(ENV_SHARDS_ROOT) or "shards"}
+        heartbeat, lease = os.environ.get(ENV_HEARTBEAT), os.environ.get(ENV_LEASE)
+        try:
+            if heartbeat:
+                defaults["heartbeat_s"] = float(heartbeat)
+            if lease:
+                defaults["lease_s"] = float(lease)
+        except ValueError:
+            raise ReidgenError(f"{ENV_HEARTBEAT} and {ENV_LEASE} must be numbers of seconds") from None
+        return cls(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
 class ApiError(ReidgenError):
@@ -134,6 +200,8 @@ _CLIENT_WORDED = (ApiError, EngineError, ImageTooLarge, UnreadableImage, LookupE
 def _status_of(exc: ReidgenError) -> tuple[int, str]:
     if isinstance(exc, ApiError):
         return exc.status, exc.code
+    if isinstance(getattr(exc, "http_status", None), int):  # e.g. the jobs backend's TooManyJobs: 429
+        return exc.http_status, exc.code
     for cls, status, code in _STATUS:
         if isinstance(exc, cls):
             return status, code or getattr(exc, "code", "bad_request")
@@ -222,6 +290,35 @@ def _validate(cls: type[BaseModel], data: Any, json: bool = False) -> Any:
         raise ApiError(422, "invalid_request", _validation_message(exc)) from None
 
 
+# A JSON string, its escapes included (unrolled: no per-character alternation, fast on megabytes).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def check_json_shape(body: bytes, max_items: int, max_depth: int) -> None:
+    """Refuse a JSON body with more than ``max_items`` members, elements and brackets, or nested
+    deeper than ``max_depth``, before it is parsed: counting costs milliseconds where parsing and
+    validating 600k keys cost seconds of CPU. Base64 images are long strings, not structure."""
+    opens = body.count(b"[") + body.count(b"{")
+    if opens <= max_depth and opens + body.count(b",") + body.count(b":") <= max_items:
+        return  # the common case: no need to look inside the strings
+    too_many = ApiError(413, "json_too_complex", f"the JSON body has more than {max_items} members, elements and "
+                                                 f"brackets; this server takes at most {max_items}")
+    if (body.count(b'"') - body.count(b'\\"')) // 2 > 2 * max_items:
+        raise too_many  # every string is a key or a value: that many strings need that many members
+    bare = _JSON_STRING.sub(b'""', body)
+    opens = bare.count(b"[") + bare.count(b"{")
+    tokens = opens + bare.count(b"]") + bare.count(b"}") + bare.count(b",") + bare.count(b":")
+    if tokens > max_items:
+        raise too_many
+    depth = deepest = 0
+    for bracket in re.findall(rb"[\[\]{}]", bare):  # at most max_items of them
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > max_depth:
+        raise ApiError(413, "json_too_complex", f"the JSON body nests {deepest} levels deep; this server takes at "
+                                                f"most {max_depth}")
+
+
 def b64_image(text: str, what: str) -> bytes:
     """A base64 string (or ``data:...;base64,`` URL) → bytes; padding optional, whitespace ignored."""
     if text.startswith("data:"):
@@ -272,6 +369,20 @@ class Service:
     def __init__(self, engine: Engine, settings: Settings):
         self.engine, self.settings = engine, settings
 
+    async def parse(self, cls: type[BaseModel], request: Request, generates: bool = True) -> Any:
+        """The JSON body of ``request`` as ``cls``. A request that would generate images is refused
+        with 503 while the queue is full, before its body is read; the body's structure is
+        bounded before it is parsed (in the thread pool, off the event loop)."""
+        if generates:
+            self.engine.admit(1)
+        body = await request.body()
+        s = self.settings
+
+        def parse():
+            check_json_shape(body, s.max_json_items, s.max_json_depth)
+            return _validate(cls, body, True)
+        return await run_in_threadpool(parse)
+
     def timeout(self, header_ms: int | None) -> float:
         t = self.settings.request_timeout_s
         return min(t, header_ms / 1000) if header_ms else t
@@ -317,15 +428,18 @@ def _png_b64(picture) -> str:
 
 # -- OpenAPI documentation helpers ---------------------------------------------------------------
 _ERROR_TEXT = {
-    400: "bad input: invalid base64, an undecodable image, a malformed form",
+    400: "bad input: invalid base64, an undecodable image, a malformed form; a job path outside the server's "
+         "roots, a job over the server's bounds",
+    408: "the request body did not arrive in time",
     401: "missing or wrong API key",
     404: "unknown model or job",
-    413: "too large: body bytes, images per request, generated images or pixels per image",
+    413: "too large: body bytes, JSON members or depth, images per request, generated images or pixels per image",
     415: "unsupported content type",
     422: "invalid request body or parameters",
     500: "internal error (no details are given to clients)",
     503: "busy (queue full), not ready, or out of accelerator memory; see Retry-After",
     504: "the request's deadline passed before it ran",
+    429: "this server runs as many jobs as it takes; see Retry-After",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
@@ -334,12 +448,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     out: dict[int | str, dict[str, Any]] = {}
     for s in statuses:
         out[s] = {"model": ErrorBody, "description": _ERROR_TEXT[s]}
-        if s == 503:
+        if s in (429, 503):
             out[s]["headers"] = _RETRY_AFTER
     return out
 
 
-_GENERATE_ERRORS = (400, 401, 404, 413, 415, 422, 500, 503, 504)
+_GENERATE_ERRORS = (400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 _IMAGE_CONTENT = {"image/png": {"schema": {"type": "string", "format": "binary"}},
                   "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
 _REQUEST_MODELS = (SwapRequest, SwapForm, RenderRequest, InterpolateRequest, JobRequest)
@@ -377,7 +491,7 @@ class JobsBackend(Protocol):
     """Where ``/v1/jobs`` sends batch jobs: `worker.jobs.CeleryJobs` (Celery over Redis). Passed in
     by whoever builds the app, so this package does not import the workers."""
 
-    def submit(self, request: JobRequest) -> str: ...
+    def submit(self, request: JobRequest, settings: Settings) -> str: ...  # names confined to its roots
 
     def status(self, job_id: str) -> JobStatus: ...  # LookupError for an unknown id
 
@@ -392,6 +506,9 @@ def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBacke
     lifespan starts the engine's batcher, warms the
     models up in the background (``/v1/readyz`` says when done) and stops the batcher at exit."""
     settings = settings or Settings()
+    if jobs is not None and not settings.confined:
+        raise ReidgenError("a server with /v1/jobs needs its models, data and shards roots (Settings.models_root, "
+                           "data_root, shards_root): a job may name files under them only")
     service = Service(engine, settings)
     metrics = Metrics(engine)
 
@@ -410,7 +527,7 @@ def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBacke
                   description="DG-Net appearance/structure swaps and CR-GAN context rendering of person images, "
                               "dynamically batched. Images travel as base64 JSON or multipart files.",
                   lifespan=lifespan, docs_url="/docs" if settings.docs else None, redoc_url=None)
-    app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
+    app.state.engine, app.state.settings, app.state.metrics, app.state.jobs = engine, settings, metrics, jobs
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
 
     timeout_header = Header(None, alias="X-Timeout-Ms", ge=1, le=3_600_000,
@@ -424,8 +541,9 @@ def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBacke
         """DG-Net appearance × structure swap: pairs, or every combination as a grid."""
         media = _media_type(request)
         if media == "application/json":
-            req = await run_in_threadpool(_validate, SwapRequest, await request.body(), True)
+            req = await service.parse(SwapRequest, request)
         elif media == "multipart/form-data":
+            engine.admit(1)  # 503 before the files are read
             req = _validate(SwapForm, await _form(request, settings, ("appearance", "structure")))
         else:
             raise _unsupported(media)
@@ -458,7 +576,7 @@ def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBacke
     async def render(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
         """CR-GAN: render the source person into the target image's context."""
         _require_json(_media_type(request), "/v1/render")
-        req = await run_in_threadpool(_validate, RenderRequest, await request.body(), True)
+        req = await service.parse(RenderRequest, request)
         model = engine.model_for("render", req.model)
 
         def prepare():
@@ -485,7 +603,7 @@ def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBacke
     async def interpolate(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
         """DG-Net: images along a line between two images' appearance (or structure) codes."""
         _require_json(_media_type(request), "/v1/interpolate")
-        req = await run_in_threadpool(_validate, InterpolateRequest, await request.body(), True)
+        req = await service.parse(InterpolateRequest, request)
         if req.steps > settings.max_steps:
             raise ApiError(413, "too_many_outputs", f"steps={req.steps}; this server interpolates at most "
                                                     f"{settings.max_steps} steps")
@@ -505,7 +623,7 @@ def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBacke
         return JSONResponse((await run_in_threadpool(encode)).model_dump())
 
     if jobs is not None:
-        _add_job_routes(app, jobs)
+        _add_job_routes(app, jobs, service)
 
     @app.get("/v1/models", response_model=ModelsResponse, tags=["service"], responses=_errors(401, 500))
     async def models() -> ModelsResponse:
@@ -547,7 +665,7 @@ def create_app(engine: Engine, settings: Settings | None = None, jobs: JobsBacke
     return app
 
 
-def _add_job_routes(app: FastAPI, jobs: JobsBackend) -> None:
+def _add_job_routes(app: FastAPI, jobs: JobsBackend, service: Service) -> None:
     """``/v1/jobs``: only on a server given a jobs backend (without one the paths do not exist)."""
     async def job_call(fn, *args) -> JobStatus:
         try:
@@ -558,13 +676,22 @@ def _add_job_routes(app: FastAPI, jobs: JobsBackend) -> None:
     job_id_param = PathParam(pattern=JOB_ID_PATTERN, description="the id POST /v1/jobs returned")
 
     @app.post("/v1/jobs", response_model=JobStatus, status_code=202, tags=["jobs"],
-              responses=_errors(400, 401, 415, 422, 500), openapi_extra=_request_body(JobRequest))
+              responses=_errors(400, 401, 408, 413, 415, 422, 429, 500), openapi_extra=_request_body(JobRequest))
     async def submit_job(request: Request) -> JSONResponse:
         """Submit a batch generation job (one Celery task per shard); its progress is at GET /v1/jobs/{id}.
-        Paths in the spec and ``out`` are as the workers see them."""
+        ``checkpoint`` and ``teacher`` name models under the server's models root, ``data`` and
+        ``target`` data sets under its data root, ``out`` a folder under its shards root."""
         _require_json(_media_type(request), "/v1/jobs")
-        req = await run_in_threadpool(_validate, JobRequest, await request.body(), True)
-        job_id = await run_in_threadpool(jobs.submit, req)  # plans the job: a bad spec fails here (400)
+        full = getattr(jobs, "full", None)
+        if full is not None and await run_in_threadpool(full, service.settings):  # 429 before the body is read
+            busy = ApiError(429, "too_many_jobs", f"this server already runs {service.settings.max_active_jobs} jobs "
+                                                  f"(queued or running), as many as it takes; retry when one has "
+                                                  f"finished")
+            busy.retry_after = 60
+            raise busy
+        req = await service.parse(JobRequest, request, generates=False)
+        # Confines the names, plans the job, checks its bounds: a bad spec fails here (400, 429).
+        job_id = await run_in_threadpool(jobs.submit, req, service.settings)
         status = await job_call(jobs.status, job_id)
         return JSONResponse(status.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
@@ -610,7 +737,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, known: frozenset[str
             log.error("request %s: engine error on %s: %s", rid, request.url.path, exc)
             return respond(request, 500, "internal_error", "internal error while generating; see the server log")
         headers = None
-        if status == 503:
+        if status in (429, 503):
             headers = {"Retry-After": str(getattr(exc, "retry_after", 1))}
         message = client_message(exc)
         if message != str(exc):  # the client got less than the whole story: the log keeps it
@@ -685,7 +812,8 @@ class GuardMiddleware:
             if self._key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
                 return await refuse(401, "unauthorized", "missing or wrong API key: send it as 'X-API-Key: KEY' "
                                     "or 'Authorization: Bearer KEY'", {"WWW-Authenticate": "Bearer"})
-            limit = self.settings.max_body_bytes
+            jobs = scope["path"] == "/v1/jobs"
+            limit = self.settings.max_job_body_bytes if jobs else self.settings.max_body_bytes
             declared = headers.get(b"content-length")
             if declared is not None:
                 if not declared.isdigit():
@@ -693,16 +821,29 @@ class GuardMiddleware:
                 if int(declared) > limit:
                     return await refuse(413, "body_too_large", f"request body of {int(declared)} bytes; this "
                                                                f"server takes at most {limit}")
-            received = 0
+            received, body_done = 0, False
+            body_timeout = self.settings.body_timeout_s
+            deadline = time.monotonic() + body_timeout
 
             async def limited_receive():
-                nonlocal received
-                message = await receive()
+                # The body must arrive within body_timeout_s of the head (a client trickling it, or a
+                # chunked body that never ends, is answered 408 and the connection closed).
+                nonlocal received, body_done
+                if body_done:
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise ApiError(408, "body_timeout", f"the request body did not arrive within {body_timeout:g} s "
+                                                        f"of its head; send it without pauses") from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
                         raise ApiError(413, "body_too_large", f"request body over {limit} bytes; this server "
                                                               f"takes at most {limit}")
+                    body_done = not message.get("more_body", False)
+                else:
+                    body_done = True
                 return message
 
             await self.app(scope, limited_receive, send_status)

@@ -325,11 +325,13 @@ class Engine:
         self.amp = amp and self.device.type == "cuda"
         self.max_batch, self.max_wait_s, self.queue_size = max_batch, max_wait_ms / 1000, queue_size
         self.timeout_s = timeout_s
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Job] = queue.Queue()  # bounded in images by `admit`, not in requests
+        self._queued_images = 0
+        self._admission = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observers: list[Callable[[str, str, int, int, float], None]] = []
-        self._seconds_per_item = 0.05  # running estimate, for Retry-After
+        self._seconds_per_item = 0.05  # seconds per generated image, running estimate: the drain rate
         self.warmed = False
         self.warmup_error: str | None = None
 
@@ -399,6 +401,31 @@ class Engine:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def queued_images(self) -> int:
+        """Images waiting for the batcher (what the queue bound counts)."""
+        return self._queued_images
+
+    def retry_after(self, images: int = 1) -> int:
+        """Seconds until the queue has drained enough for ``images`` more, from the drain rate
+        measured on recent batches (1 to 120)."""
+        return max(1, min(120, math.ceil((self._queued_images + images) * self._seconds_per_item)))
+
+    def admit(self, images: int = 1) -> None:
+        """`QueueFull` unless ``images`` more fit in the queue now. The HTTP handlers call it before
+        reading a request's body (with 1), and `submit` again with the request's real size. The
+        queue holds up to ``queue_size`` images; a request larger than that is taken into an
+        empty queue only."""
+        waiting = self._queued_images
+        if waiting and waiting + images > self.queue_size:
+            wait = self.retry_after(images)
+            raise QueueFull(f"the server is busy ({waiting} images waiting, the queue holds {self.queue_size}); "
+                            f"retry after {wait} s", retry_after=wait)
+
+    def _taken(self, job: Job) -> Job:
+        with self._admission:
+            self._queued_images -= job.size
+        return job
+
     def add_observer(self, fn: Callable[[str, str, int, int, float], None]) -> None:
         """``fn(op, model, images, requests, seconds)`` after every model call (metrics)."""
         self._observers.append(fn)
@@ -444,7 +471,7 @@ class Engine:
             self._thread.join(timeout)
         while True:
             try:
-                job = self._queue.get_nowait()
+                job = self._taken(self._queue.get_nowait())
             except queue.Empty:
                 break
             if job.future.set_running_or_notify_cancel():
@@ -491,12 +518,10 @@ class Engine:
         if self._thread is None or not self._thread.is_alive():
             raise NotReady("the inference engine is not running")
         job = Job(op, model, item, time.monotonic() + (timeout_s or self.timeout_s), alone)
-        try:
+        with self._admission:
+            self.admit(job.size)
+            self._queued_images += job.size
             self._queue.put_nowait(job)
-        except queue.Full:
-            wait = max(1, math.ceil(self._queue.qsize() * self._seconds_per_item * 2))
-            raise QueueFull(f"the server is busy ({self._queue.qsize()} requests waiting, the queue holds "
-                            f"{self.queue_size}); retry after {wait} s", retry_after=wait) from None
         return job.future
 
     async def run(self, op: str, model: ServedModel, item, timeout_s: float | None = None, alone: bool = False):
@@ -514,7 +539,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                first = self._queue.get(timeout=0.2)
+                first = self._taken(self._queue.get(timeout=0.2))
             except queue.Empty:
                 continue
             jobs, images = [first], first.size
@@ -522,7 +547,7 @@ class Engine:
             while not first.alone and images < self.max_batch:
                 left = until - time.monotonic()
                 try:
-                    job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                    job = self._taken(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
                 except queue.Empty:
                     break
                 jobs.append(job)

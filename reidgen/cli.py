@@ -319,6 +319,17 @@ def cmd_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_root_args(p: argparse.ArgumentParser, models: bool) -> None:
+    """The roots of a server (serve: --models is its models root): a job names files under them only."""
+    if models:
+        p.add_argument("--models-root", help="a job's checkpoint and teacher are model names under this folder "
+                                             "(default $REIDGEN_MODELS_ROOT or ./models)")
+    p.add_argument("--data-root", help="a job's data and target are data set names under this folder "
+                                       "(default $REIDGEN_DATA or ../shared/data beside the checkout)")
+    p.add_argument("--shards-root", help="a job's out is a folder name under this folder "
+                                         "(default $REIDGEN_SHARDS_ROOT or ./shards)")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -332,7 +343,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.models, jobs=jobs, host=args.host, port=args.port, api_key_file=args.api_key_file, device=args.device,
           max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
           batching=not args.no_batching, max_images=args.max_images, max_pixels=args.max_pixels,
-          request_timeout_s=args.timeout, mask_provider=args.masks)
+          request_timeout_s=args.timeout, mask_provider=args.masks, data_root=args.data_root,
+          shards_root=args.shards_root, max_job_records=args.max_job_records, max_job_tasks=args.max_job_tasks,
+          min_shard_size=args.min_shard_size, max_active_jobs=args.max_active_jobs,
+          header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+          max_connections=args.max_connections)
     return 0
 
 
@@ -422,7 +437,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["REIDGEN_TORCH_THREADS"] = str(args.threads)
     if args.queue:
         os.environ["REIDGEN_QUEUE"] = args.queue
+    # The roots and timings go to the pool processes through the environment (Settings.from_env).
+    for flag, var in (("models_root", "REIDGEN_MODELS_ROOT"), ("data_root", "REIDGEN_DATA"),
+                      ("shards_root", "REIDGEN_SHARDS_ROOT"), ("heartbeat", "REIDGEN_HEARTBEAT_S"),
+                      ("lease", "REIDGEN_LEASE_S")):
+        if getattr(args, flag) is not None:
+            os.environ[var] = str(getattr(args, flag))
+    from generator_service.app import Settings
     from worker.celery_app import app, queue_name
+
+    Settings.from_env()  # bad timings fail here, in one line, not in every task
 
     argv = ["worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
             "--queues", queue_name(), "--without-gossip", "--without-mingle"]
@@ -733,14 +757,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "/v1/readyz, /v1/metrics; OpenAPI at /docs. Binds 127.0.0.1 unless --host says "
                                    "otherwise. With an API key (--api-key-file or $REIDGEN_API_KEY) every endpoint but "
                                    "health and readiness requires it (X-API-Key or Authorization: Bearer).")
-    p.add_argument("--models", required=True, help="folder of checkpoints or run folders")
+    p.add_argument("--models", "--models-root", dest="models", required=True,
+                   help="folder of checkpoints or run folders: the models served, and the models root a job's "
+                        "checkpoint and teacher are named under")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key-file", help="file whose first line is the API key")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-batch", type=int, default=16, help="most images per model call")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
-    p.add_argument("--queue-size", type=int, default=64, help="queued requests before 503 + Retry-After")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="images waiting for the device before 503 + Retry-After (checked before a body is read)")
     p.add_argument("--no-batching", action="store_true", help="run every request alone (for comparison)")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per input image")
@@ -750,6 +777,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", action=argparse.BooleanOptionalAction, default=None,
                    help="serve /v1/jobs, queueing batch generation on the Celery workers at $REDIS_URL "
                         "(default: on when REDIS_URL is set)")
+    _add_root_args(p, models=False)
+    g = p.add_argument_group("job bounds")
+    g.add_argument("--max-job-records", type=int, help="records per job (default 2000000)")
+    g.add_argument("--max-job-tasks", type=int, help="shards (tasks) per job (default 10000)")
+    g.add_argument("--min-shard-size", type=int, help="records per shard of a job of several shards (default 64)")
+    g.add_argument("--max-active-jobs", type=int, help="jobs queued or running at once; more get 429 (default 16)")
+    g = p.add_argument_group("connections")
+    g.add_argument("--header-timeout", type=float, help="seconds for a request's head to arrive (default 10)")
+    g.add_argument("--body-timeout", type=float, help="seconds for its body to arrive after the head (default 60)")
+    g.add_argument("--keep-alive", type=float, help="seconds an idle kept-alive connection stays open (default 5)")
+    g.add_argument("--max-connections", type=int, help="open connections at once; more are closed (default 256)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="batch generation into LMDB shards (in-process, or --submit to Celery)",
@@ -776,6 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="torch threads per pool process")
     p.add_argument("--hostname", help="Celery node name (default celery@HOST)")
+    _add_root_args(p, models=True)
+    p.add_argument("--heartbeat", type=float,
+                   help="seconds between a running shard's lease renewals (default $REIDGEN_HEARTBEAT_S or 10)")
+    p.add_argument("--lease", type=float,
+                   help="seconds without a renewal after which a shard's worker counts as lost and the shard is "
+                        "queued again (default $REIDGEN_LEASE_S or 30)")
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=cmd_worker)
 

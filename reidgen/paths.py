@@ -26,3 +26,55 @@ def resolve_data(name_or_path: str | Path) -> Path:
         f"data folder {name_or_path!s} not found (also looked in {under_root}); pass a "
         "Market-1501 style folder, or a data set name under REIDGEN_DATA"
     )
+
+
+# -- names under a server's roots (issue 12: what an HTTP client may name) ------------------------
+class PathNotAllowed(ReidgenError):
+    """A name a remote client gave that does not stay inside the server's root for it."""
+
+    code = "path_not_allowed"
+
+
+def _refuse(field: str, given: str, what: str, reason: str) -> PathNotAllowed:
+    shown = given if len(given) <= 200 else given[:200] + "..."
+    message = (f"{field}: {shown!r} {reason}; give the name of a {what} under this server's {what} root "
+               f"(a relative name without '..'; an absolute path only inside that root)")
+    return PathNotAllowed(message, public=message)
+
+
+def confine(root: str | Path, name: str, field: str, what: str) -> Path:
+    """``name`` as a path inside ``root``, or `PathNotAllowed` naming ``field`` and what is allowed.
+
+    Refused: an empty name, a NUL character, any ``..`` component, an absolute path outside the
+    root, the root itself, and a name whose symlinks resolve outside the root. The answer is the
+    resolved path (so a symlink swapped later cannot lead elsewhere); it need not exist. The
+    messages never show the root itself (a remote client learns no server path)."""
+    if not isinstance(name, str) or not name.strip():
+        raise _refuse(field, str(name), what, "is empty")
+    if "\0" in name:
+        raise _refuse(field, name.replace("\0", "\\0"), what, "contains a NUL character")
+    if ".." in Path(name).parts:
+        raise _refuse(field, name, what, "contains '..'")
+    base = Path(root).resolve()
+    given = Path(name)
+    try:
+        resolved = (given if given.is_absolute() else base / given).resolve()
+    except (OSError, RuntimeError):  # a symlink loop, a name too long
+        raise _refuse(field, name, what, "cannot be resolved") from None
+    if resolved == base:
+        message = f"{field}: {name!r} names this server's {what} root itself; give the name of a {what} inside it"
+        raise PathNotAllowed(message, public=message)
+    if not resolved.is_relative_to(base):
+        outside = given.is_absolute() and not given.resolve().is_relative_to(base)
+        raise _refuse(field, name, what, f"{'is' if outside else 'resolves'} outside this server's {what} root")
+    return resolved
+
+
+def confine_model(root: str | Path, name: str, field: str) -> Path:
+    """A model name under the models root: ``NAME`` (a run folder or a file) or ``NAME.pt``."""
+    path = confine(root, name, field, "model")
+    if not path.exists() and path.suffix != ".pt":
+        with_suffix = confine(root, name + ".pt", field, "model")
+        if with_suffix.exists():
+            return with_suffix
+    return path

@@ -37,16 +37,23 @@ def store(broker):
     return JobStore(broker["client"], broker["prefix"])
 
 
-@pytest.fixture(scope="module")
-def http(broker, store):
-    """The real app with the Celery jobs backend; the jobs routes never touch the engine."""
+def roots(place: Path):
+    from generator_service.app import Settings
+
+    return Settings(models_root=place, data_root=data_root(), shards_root=place)
+
+
+@pytest.fixture
+def http(broker, store, place):
+    """The real app with the Celery jobs backend, its models and shards roots the test's place;
+    the jobs routes never touch the engine."""
     from fastapi.testclient import TestClient
 
     from generator_service.app import create_app
     from worker.celery_app import make_app
     from worker.jobs import CeleryJobs
 
-    return TestClient(create_app(_stand_in_engine(), jobs=CeleryJobs(store, make_app())),
+    return TestClient(create_app(_stand_in_engine(), roots(place), jobs=CeleryJobs(store, make_app())),
                       raise_server_exceptions=False)
 
 
@@ -55,6 +62,9 @@ def place(tmp_path, monkeypatch, market_mini) -> Path:
     """The cwd of the test (the client names files relative to it) holding a junk 'checkpoint'."""
     (tmp_path / "junk.pt").write_bytes(FILE_BYTES)
     monkeypatch.chdir(tmp_path)
+    # The roots of the worker (the task runs in this process): its models and shards are here too.
+    monkeypatch.setenv("REIDGEN_MODELS_ROOT", str(tmp_path))
+    monkeypatch.setenv("REIDGEN_SHARDS_ROOT", str(tmp_path))
     return tmp_path
 
 
@@ -175,7 +185,7 @@ def test_an_unhandled_error_is_a_500_with_the_request_id_and_a_logged_traceback(
     from generator_service.app import create_app
 
     class Broken:
-        def submit(self, request):
+        def submit(self, request, settings):
             raise RuntimeError(f"bug at {place / 'junk.pt'}")
 
         def status(self, job_id):
@@ -183,7 +193,7 @@ def test_an_unhandled_error_is_a_500_with_the_request_id_and_a_logged_traceback(
 
         cancel = status
 
-    client = TestClient(create_app(_stand_in_engine(), jobs=Broken()), raise_server_exceptions=False)
+    client = TestClient(create_app(_stand_in_engine(), roots(place), jobs=Broken()), raise_server_exceptions=False)
     with caplog.at_level(logging.INFO, logger="reidgen.service"):
         r = client.post("/v1/jobs", json={"spec": spec(), "out": "y"}, headers={"X-Request-ID": "req-500"})
     body = error_body(r, 500)

@@ -25,13 +25,14 @@ from reidgen.cli import main
 JUNK = "{not json, SECRET-BYTES"  # must never reach the client
 
 
-@pytest.fixture(scope="module")
-def http(broker):
-    """The real app with the Celery jobs backend. The jobs routes never touch the engine, so it
-    serves a stand-in model (no checkpoint to train for these tests)."""
+@pytest.fixture
+def http(broker, place, market_mini):
+    """The real app with the Celery jobs backend, its shards and models roots the test's place. The
+    jobs routes never touch the engine, so it serves a stand-in model (no checkpoint to train for
+    these tests)."""
     from fastapi.testclient import TestClient
 
-    from generator_service.app import create_app
+    from generator_service.app import Settings, create_app
     from generator_service.engine import Engine, ServedModel
     from worker.celery_app import make_app
     from worker.jobs import CeleryJobs, JobStore
@@ -39,7 +40,8 @@ def http(broker):
     stand_in = ServedModel(name="stand-in", kind="dgnet", checkpoint="stand-in.pt", identity="0", step=None,
                            preset=None, image_size=(128, 64), net=None)
     jobs = CeleryJobs(JobStore(broker["client"], broker["prefix"]), make_app())
-    return TestClient(create_app(Engine([stand_in], "cpu"), jobs=jobs), raise_server_exceptions=False)
+    roots = Settings(models_root=place, data_root=market_mini.parent, shards_root=place)
+    return TestClient(create_app(Engine([stand_in], "cpu"), roots, jobs=jobs), raise_server_exceptions=False)
 
 
 @pytest.fixture

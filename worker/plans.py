@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +21,29 @@ import numpy as np
 from api_schemas.jobs import JobSpec
 from reidgen.errors import about
 from reidgen.market import Item, scan_split
-from reidgen.paths import resolve_data
+from reidgen.paths import confine, confine_model, resolve_data
+
+
+PLAN_VERSION = b"reidgen-plan-2"  # in the hash: records computed per row, not listed
 
 
 @dataclass(frozen=True)
 class Plan:
+    """The records of a job, computed from the spec and the image listings on demand: a shard's
+    records come from its index (`pairs_of`), so no process holds a whole plan (all pairs of
+    full Market-1501 would be 167M records, 2.7 GB as a list)."""
+
     spec: JobSpec
     sources: tuple[Item, ...]       # appearance providers (CR-GAN: the people rendered)
     structures: tuple[Item, ...]    # structure providers (DG-Net: the same list; CR-GAN: target contexts)
     source_root: Path
     structure_root: Path
-    pairs: np.ndarray               # R×2 int64: (index into sources, index into structures)
+    starts: np.ndarray              # N+1 int64: the first record of each source's row, then the total
     hash: str
 
     @property
     def records(self) -> int:
-        return len(self.pairs)
+        return int(self.starts[-1])
 
     @property
     def shards(self) -> int:
@@ -49,6 +56,46 @@ class Plan:
     def domain(self, root: Path) -> str:
         return root.name
 
+    def _row(self, i: int) -> np.ndarray:
+        """The structure indices of source ``i``'s records, in plan order."""
+        spec = self.spec
+        if spec.kind == "crgan_render":
+            n = len(self.structures)
+            if spec.targets_per_source is None:
+                return np.arange(n)
+            k = min(spec.targets_per_source, n)
+            return np.random.default_rng([spec.seed, 2, i]).choice(n, size=k, replace=False)
+        pids = self._pids
+        if spec.kind == "dgnet_all_pairs":
+            return np.flatnonzero(pids != pids[i]) if spec.cross_identity else np.arange(len(pids))
+        candidates = np.flatnonzero(pids != pids[i]) if spec.cross_identity else \
+            np.delete(np.arange(len(pids)), i)
+        k = min(spec.structures_per_image, len(candidates))
+        return np.random.default_rng([spec.seed, 1, i]).choice(candidates, size=k, replace=False)
+
+    @cached_property
+    def _pids(self) -> np.ndarray:
+        return np.asarray([it.pid for it in self.sources])
+
+    def pairs_of(self, records: range) -> np.ndarray:
+        """(source, structure) index pairs of the records ``records`` (a contiguous range): R×2 int64."""
+        if not records:
+            return np.empty((0, 2), dtype=np.int64)
+        first = int(np.searchsorted(self.starts, records.start, side="right")) - 1
+        last = int(np.searchsorted(self.starts, records.stop - 1, side="right")) - 1
+        parts = []
+        for i in range(first, last + 1):
+            row = self._row(i)
+            lo, hi = max(records.start, self.starts[i]) - self.starts[i], min(records.stop, self.starts[i + 1]) - \
+                self.starts[i]
+            parts.append(np.stack([np.full(hi - lo, i, dtype=np.int64), row[lo:hi].astype(np.int64)], 1))
+        return np.concatenate(parts)
+
+    @property
+    def pairs(self) -> np.ndarray:
+        """Every pair of the plan (for small plans and tests; workers use `pairs_of` a shard)."""
+        return self.pairs_of(range(self.records))
+
 
 def _subset(items: list[Item], n: int | None, seed: int, stream: int) -> list[Item]:
     if n is None or n >= len(items):
@@ -57,69 +104,87 @@ def _subset(items: list[Item], n: int | None, seed: int, stream: int) -> list[It
     return [items[i] for i in sorted(pick.tolist())]
 
 
-def _dgnet_pairs(spec: JobSpec, pids: np.ndarray) -> np.ndarray:
+def _row_counts(spec: JobSpec, pids: np.ndarray, n_targets: int) -> np.ndarray:
+    """Records per source image, from the spec and the identities alone (no pairs drawn)."""
     n = len(pids)
-    allowed = pids[:, None] != pids[None, :] if spec.cross_identity else ~np.eye(n, dtype=bool)
+    if spec.kind == "crgan_render":
+        k = n_targets if spec.targets_per_source is None else min(spec.targets_per_source, n_targets)
+        return np.full(n, k, dtype=np.int64)
+    if spec.cross_identity:
+        _, inverse, same = np.unique(pids, return_inverse=True, return_counts=True)
+        others = n - same[inverse].astype(np.int64)
+    else:
+        others = np.full(n, n if spec.kind == "dgnet_all_pairs" else n - 1, dtype=np.int64)
     if spec.kind == "dgnet_all_pairs":
-        if not spec.cross_identity:
-            allowed = np.ones((n, n), dtype=bool)  # N×N includes each image's own reconstruction
-        a, s = np.nonzero(allowed)
-        return np.stack([a, s], 1)
-    rows = []
-    for i in range(n):
-        candidates = np.flatnonzero(allowed[i])
-        k = min(spec.structures_per_image, len(candidates))
-        chosen = np.random.default_rng([spec.seed, 1, i]).choice(candidates, size=k, replace=False)
-        rows.extend((i, int(j)) for j in chosen)
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        return others
+    return np.minimum(others, spec.structures_per_image)
 
 
-def _render_pairs(spec: JobSpec, n_sources: int, n_targets: int) -> np.ndarray:
-    if spec.targets_per_source is None:
-        a, t = np.meshgrid(np.arange(n_sources), np.arange(n_targets), indexing="ij")
-        return np.stack([a.ravel(), t.ravel()], 1)
-    rows = []
-    k = min(spec.targets_per_source, n_targets)
-    for i in range(n_sources):
-        chosen = np.random.default_rng([spec.seed, 2, i]).choice(n_targets, size=k, replace=False)
-        rows.extend((i, int(j)) for j in chosen)
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-
-
-def _hash(spec: JobSpec, sources, structures, source_root: Path, structure_root: Path, pairs) -> str:
-    h = hashlib.sha256()
+def _hash(spec: JobSpec, sources, structures, source_root: Path, structure_root: Path) -> str:
+    h = hashlib.sha256(PLAN_VERSION)
     h.update(spec.model_dump_json().encode())
     for root, items in ((source_root, sources), (structure_root, structures)):
         listing = [[str(Path(it.path).relative_to(root)), it.pid, it.camid] for it in items]
         h.update(json.dumps(listing).encode())
-    h.update(np.ascontiguousarray(pairs, dtype="<i8").tobytes())
     return h.hexdigest()[:16]
 
 
-def _data_set(field: str, name: str, split: str) -> tuple[Path, list[Item]]:
-    """The root and images of one split of a data set. A remote client learns only that its name
-    was not found: neither the data root it was looked up in nor what was wrong with the folder."""
+def _data_set(field: str, name: str, split: str, root: Path | None) -> tuple[Path, list[Item]]:
+    """The root and images of one split of a data set (``root``: already located under the
+    server's data root; None: ``name`` is a path or a name under REIDGEN_DATA). A remote client
+    learns only that its name was not found: neither the data root it was looked up in nor what
+    was wrong with the folder."""
     with about(field, "unknown_data", f"data set {name!r} not found (give the name of a Market-1501 style "
                                       f"data set on this server, with its {split} split)"):
-        root = resolve_data(name)
+        root = root if root is not None else resolve_data(name)
         return root, scan_split(root, split)
 
 
-def make_plan(spec: JobSpec) -> Plan:
-    """The plan of ``spec`` (cached per process: every shard of a job needs it)."""
-    return _cached_plan(spec.model_dump_json())
+def make_plan(spec: JobSpec, data: Path | None = None, target: Path | None = None) -> Plan:
+    """The plan of ``spec`` (cached per process: every shard of a job needs it). ``data`` and
+    ``target``: the data sets' folders when the caller located them (a server's roots)."""
+    return _cached_plan(spec.model_dump_json(), None if data is None else str(data),
+                        None if target is None else str(target))
 
 
 @lru_cache(maxsize=8)
-def _cached_plan(spec_json: str) -> Plan:
+def _cached_plan(spec_json: str, data: str | None, target: str | None) -> Plan:
     spec = JobSpec.model_validate_json(spec_json)
-    source_root, sources = _data_set("data", spec.data, spec.split)
+    source_root, sources = _data_set("data", spec.data, spec.split, None if data is None else Path(data))
     sources = _subset(sources, spec.subset, spec.seed, 0)
     if spec.kind == "crgan_render":
-        structure_root, structures = _data_set("target", spec.target, spec.target_split)
-        pairs = _render_pairs(spec, len(sources), len(structures))
+        structure_root, structures = _data_set("target", spec.target, spec.target_split,
+                                               None if target is None else Path(target))
     else:
         structure_root, structures = source_root, sources
-        pairs = _dgnet_pairs(spec, np.asarray([it.pid for it in sources]))
-    digest = _hash(spec, sources, structures, source_root, structure_root, pairs)
-    return Plan(spec, tuple(sources), tuple(structures), source_root, structure_root, pairs, digest)
+    counts = _row_counts(spec, np.asarray([it.pid for it in sources], dtype=np.int64), len(structures))
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    digest = _hash(spec, sources, structures, source_root, structure_root)
+    return Plan(spec, tuple(sources), tuple(structures), source_root, structure_root, starts, digest)
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a job's inputs and output are, in this process's view."""
+
+    checkpoint: Path
+    teacher: Path | None
+    data: Path | None      # None: the spec's own path or name under REIDGEN_DATA (in-process)
+    target: Path | None
+    out: Path
+
+
+def locate(spec: JobSpec, out: str | Path, settings=None) -> Located:
+    """The job's files: with a server's ``settings`` (`generator_service.app.Settings` with its
+    roots) each name is confined to its root (`PathNotAllowed`, naming the field, otherwise);
+    without, the paths are taken as given (`reidgen generate` runs in the user's own shell)."""
+    if settings is None or not settings.confined:
+        teacher = Path(spec.teacher) if spec.teacher else None
+        return Located(Path(spec.checkpoint), teacher, None, None, Path(out))
+    models, data = settings.models_root, settings.data_root
+    return Located(
+        checkpoint=confine_model(models, spec.checkpoint, "spec.checkpoint"),
+        teacher=confine_model(models, spec.teacher, "spec.teacher") if spec.teacher is not None else None,
+        data=confine(data, spec.data, "spec.data", "data set"),
+        target=confine(data, spec.target, "spec.target", "data set") if spec.target is not None else None,
+        out=confine(settings.shards_root, str(out), "out", "shards folder"))

@@ -31,7 +31,7 @@ from generator_service.images import UnreadableImage, decode_image, denormalize,
 from generator_service.teacher import Teacher
 from reidgen.errors import ReidgenError, about, public_error
 from reidgen.market import Item, LabelMap
-from worker.plans import Plan, make_plan
+from worker.plans import Located, Plan, locate, make_plan
 from worker.shards import MANIFEST, ShardWriter, ensure_job_manifest, pack_record, shard_done, shard_name
 
 log = logging.getLogger("reidgen.worker")
@@ -56,10 +56,12 @@ class Runtime:
 _RUNTIMES: dict[tuple, Runtime] = {}
 
 
-def _teacher_path(spec: JobSpec, train_config: dict) -> str | None:
+def _teacher_path(spec: JobSpec, train_config: dict, given: Path | None) -> str | Path | None:
+    """The spec's teacher (``given``: where it is), else the one the generator was trained with
+    (a path the checkpoint records: the operator's file, not a client's choice)."""
     if not spec.soft_labels:
         return None
-    path = spec.teacher or train_config.get("teacher") or train_config.get("id_model")
+    path = given or train_config.get("teacher") or train_config.get("id_model")
     if not path:
         raise public_error(f"checkpoint: {spec.checkpoint} names no teacher; give the spec a teacher or set "
                            f"soft_labels false")
@@ -73,14 +75,16 @@ def _checkpoint_public(spec: JobSpec) -> str:
     return f"no readable reidgen {want} checkpoint named {spec.checkpoint!r} (a {spec.kind} job needs one)"
 
 
-def load_runtime(spec: JobSpec, device: str = "auto") -> Runtime:
+def load_runtime(spec: JobSpec, device: str = "auto", located: Located | None = None) -> Runtime:
     """The runtime for ``spec``'s checkpoint and teacher, cached per process (a worker loads its
-    model once, on its first task, after the pool has forked)."""
+    model once, on its first task, after the pool has forked). ``located``: where they are
+    (`worker.plans.locate`; default: the spec's paths as given)."""
+    located = located or locate(spec, ".")
     with about("checkpoint", "bad_checkpoint", _checkpoint_public(spec)):
-        ckpt_path = resolve_checkpoint(spec.checkpoint)
+        ckpt_path = resolve_checkpoint(located.checkpoint)
         if not ckpt_path.is_file():
-            raise ReidgenError(f"checkpoint {spec.checkpoint} not found")
-        key = (str(ckpt_path.resolve()), file_identity(ckpt_path), spec.teacher, spec.soft_labels, device)
+            raise ReidgenError(f"checkpoint {located.checkpoint} not found")
+        key = (str(ckpt_path.resolve()), file_identity(ckpt_path), str(located.teacher), spec.soft_labels, device)
         if key in _RUNTIMES:
             return _RUNTIMES[key]
         meta = load_checkpoint(ckpt_path, ("dgnet", "crgan"))
@@ -89,9 +93,9 @@ def load_runtime(spec: JobSpec, device: str = "auto") -> Runtime:
             raise ReidgenError(f"{spec.kind} needs a {want} checkpoint; {spec.checkpoint} holds a {meta['kind']} "
                                f"model")
         label_map = LabelMap(tuple(meta["label_map"]))
-        teacher_path = _teacher_path(spec, meta.get("train_config") or {})
+        teacher_path = _teacher_path(spec, meta.get("train_config") or {}, located.teacher)
         del meta
-        engine = Engine.from_checkpoint(spec.checkpoint, device)
+        engine = Engine.from_checkpoint(located.checkpoint, device)
     model = next(iter(engine.models.values()))
     models = {"generator": ModelIdentity(checkpoint=str(spec.checkpoint), identity=model.identity)}
     teacher = None
@@ -99,7 +103,7 @@ def load_runtime(spec: JobSpec, device: str = "auto") -> Runtime:
         named = f"named {spec.teacher!r}" if spec.teacher else "that the checkpoint names"
         with about("teacher", "bad_teacher", f"no readable reidgen re-id checkpoint {named}"):
             teacher = Teacher(teacher_path, label_map, engine.device)
-            models["teacher"] = ModelIdentity(checkpoint=str(teacher_path),
+            models["teacher"] = ModelIdentity(checkpoint=str(spec.teacher or teacher_path),
                                               identity=file_identity(resolve_checkpoint(teacher_path)))
     _RUNTIMES.clear()  # one model per process: a worker switching jobs frees the previous one
     _RUNTIMES[key] = Runtime(engine, model, teacher, label_map, models)
@@ -131,7 +135,17 @@ class _Batch:
     failures: list[tuple[int, str]]
 
 
-def _load_batch(plan: Plan, model: ServedModel, indices: list[int]) -> _Batch:
+class _ShardPairs:
+    """The (source, structure) pairs of one shard's records, looked up by plan index."""
+
+    def __init__(self, plan: Plan, records: range):
+        self.first, self.array = records.start, plan.pairs_of(records)
+
+    def __getitem__(self, index: int):
+        return self.array[index - self.first]
+
+
+def _load_batch(plan: Plan, pairs: _ShardPairs, model: ServedModel, indices: list[int]) -> _Batch:
     """Decode each distinct image of the batch once; a record whose image fails is left out."""
     cache: dict[str, tuple[torch.Tensor, torch.Tensor | None] | str] = {}
     render = plan.spec.kind == "crgan_render"
@@ -148,7 +162,7 @@ def _load_batch(plan: Plan, model: ServedModel, indices: list[int]) -> _Batch:
 
     good, a_list, s_list, m_list, failures = [], [], [], [], []
     for index in indices:
-        ai, si = plan.pairs[index]
+        ai, si = pairs[index]
         a, s = get(plan.sources[ai], False), get(plan.structures[si], True)
         bad = next((x for x in (a, s) if isinstance(x, str)), None)
         if bad is not None:
@@ -195,7 +209,7 @@ def _encode_one(spec: JobSpec, pixels: np.ndarray) -> bytes:
     return encode_image(Image.fromarray(pixels), spec.encoding, spec.jpeg_quality)
 
 
-def _encode_and_write(plan: Plan, runtime: Runtime, writer: ShardWriter, encoders: ThreadPoolExecutor,
+def _encode_and_write(plan: Plan, pairs: _ShardPairs, runtime: Runtime, writer: ShardWriter, encoders: ThreadPoolExecutor,
                       indices: list[int], images: torch.Tensor, soft: list) -> int:
     spec, lm = plan.spec, runtime.label_map
     pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
@@ -203,7 +217,7 @@ def _encode_and_write(plan: Plan, runtime: Runtime, writer: ShardWriter, encoder
     h, w = pixels.shape[1:3]
     values = []
     for index, data, q in zip(indices, encoded, soft):
-        ai, si = plan.pairs[index]
+        ai, si = pairs[index]
         a = _source_ref(plan.sources[ai], plan.source_root, lm)
         s = _source_ref(plan.structures[si], plan.structure_root, lm)
         # L_fine's class is the structure provider's identity; a CR-GAN rendering keeps the source's.
@@ -235,13 +249,17 @@ def _pool(threads: int, overlap: bool, name: str) -> Executor:
 def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime | None = None, *,
                    device: str = "auto", on_records: Callable[[int], None] | None = None,
                    should_stop: Callable[[], bool] | None = None, loader_threads: int = 2,
-                   encoder_threads: int = 2, overlap: bool | None = None) -> ShardResult:
+                   encoder_threads: int = 2, overlap: bool | None = None,
+                   located: Located | None = None) -> ShardResult:
     """Make shard ``index`` of ``spec``'s plan under ``out`` (idempotent: a finished shard is
     skipped). ``on_records(n)`` reports progress; ``should_stop()`` is polled between batches.
     ``overlap``: loading and encoding in threads beside the device (default: unless the device
-    is the CPU)."""
+    is the CPU). ``located``: where the job's files are (`worker.plans.locate` with a server's
+    roots; default: the spec's paths and ``out`` as given)."""
     started = time.perf_counter()
-    plan = make_plan(spec)
+    located = located or locate(spec, out)
+    out = located.out
+    plan = make_plan(spec, located.data, located.target)
     if not 0 <= index < plan.shards:
         raise public_error(f"shard {index} does not exist; the plan has {plan.shards} shards")
     ensure_job_manifest(out, JobManifest(spec=spec, plan_hash=plan.hash, shards=plan.shards,
@@ -249,8 +267,9 @@ def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime 
     if shard_done(out, index):
         done = ShardManifest.model_validate_json((Path(out) / shard_name(index) / MANIFEST).read_text())
         return ShardResult(index, "skipped", done.record_count, len(done.failed), 0.0)
-    runtime = runtime or load_runtime(spec, device)
+    runtime = runtime or load_runtime(spec, device, located)
     records = list(plan.shard_range(index))
+    pairs = _ShardPairs(plan, plan.shard_range(index))
     batches = [records[i:i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
     writer = ShardWriter(out, index)
     written = 0
@@ -259,14 +278,14 @@ def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime 
     try:
         with _pool(loader_threads, overlap, "shard-load") as loaders, _pool(1, overlap, "shard-write") as writes, \
                 _pool(encoder_threads, overlap, "shard-encode") as encoders:
-            loading = deque(loaders.submit(_load_batch, plan, runtime.model, b) for b in batches[:PREFETCH])
+            loading = deque(loaders.submit(_load_batch, plan, pairs, runtime.model, b) for b in batches[:PREFETCH])
             pending = None
             for k in range(len(batches)):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"shard {index} cancelled")
                 batch = loading.popleft().result()
                 if k + PREFETCH < len(batches):
-                    loading.append(loaders.submit(_load_batch, plan, runtime.model, batches[k + PREFETCH]))
+                    loading.append(loaders.submit(_load_batch, plan, pairs, runtime.model, batches[k + PREFETCH]))
                 for failed_index, error in batch.failures:
                     writer.fail(failed_index, error)
                 if batch.failures and on_records is not None:
@@ -279,7 +298,7 @@ def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime 
                     written += n
                     if on_records is not None:
                         on_records(n)
-                pending = writes.submit(_encode_and_write, plan, runtime, writer, encoders, batch.indices,
+                pending = writes.submit(_encode_and_write, plan, pairs, runtime, writer, encoders, batch.indices,
                                         images, soft)
             if pending is not None:
                 n = pending.result()

@@ -10,16 +10,18 @@ import os
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from api_schemas.jobs import JobError, JobSpec
 from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_message
 from worker.celery_app import app
-from worker.jobs import JobStore
+from worker.jobs import LIVE, Heartbeat, JobStore, Watchdog, dispatch
+from worker.plans import locate
 from worker.run import Cancelled, generate_shard, load_runtime
 
 log = logging.getLogger("reidgen.worker")
 _store: JobStore | None = None
+_watchdog: Watchdog | None = None
 
 
 @worker_process_init.connect
@@ -50,29 +52,61 @@ def client_error(exc: BaseException, index: int) -> JobError:
     return JobError(shard=index, code="internal_error", message=GENERIC_MESSAGE)
 
 
+def settings():
+    """This worker's `Settings` (roots, heartbeat and lease) from the environment that
+    `reidgen worker` sets from its flags."""
+    from generator_service.app import Settings
+
+    return Settings.from_env()
+
+
+@worker_ready.connect
+def _start_watchdog(sender=None, **_):
+    """In the worker's main process: redo the shards of lost workers (`worker.jobs.Watchdog`)."""
+    global _watchdog
+    s = settings()
+    _watchdog = Watchdog(app, s.heartbeat_s, s.lease_s)
+    _watchdog.start()
+
+
+@worker_shutdown.connect
+def _stop_watchdog(**_):
+    if _watchdog is not None:
+        _watchdog.stop()
+
+
 @app.task(name="reidgen.generate_shard", bind=True, acks_late=True, reject_on_worker_lost=True)
 def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int) -> dict:
     jobs = store()
-    if jobs.cancelled(job_id):
-        return {"shard": index, "status": "cancelled"}
-    jobs.shard_started(job_id)
+    if jobs.state(job_id) not in LIVE:  # cancelled, failed or gone: nothing to do, nothing to queue
+        return {"shard": index, "status": jobs.state(job_id) or "unknown"}
+    config = settings()
+    worker = f"{getattr(self.request, 'hostname', None) or 'local'}:{os.getpid()}"
+    jobs.shard_started(job_id, index, worker, config.lease_s)
     spec = JobSpec.model_validate_json(spec_json)
     device = os.environ.get("REIDGEN_DEVICE", "auto")
     try:
-        runtime = load_runtime(spec, device)
-        result = generate_shard(spec, index, out, runtime, should_stop=lambda: jobs.cancelled(job_id))
+        with Heartbeat(jobs, job_id, index, config.heartbeat_s, config.lease_s):
+            located = locate(spec, out, config)  # this worker's roots: a name outside them fails the job
+            runtime = load_runtime(spec, device, located)
+            result = generate_shard(spec, index, out, runtime, located=located,
+                                    should_stop=lambda: jobs.cancelled(job_id))
     except Cancelled:
+        jobs.shard_released(job_id, index)
         return {"shard": index, "status": "cancelled"}
     except (ReidgenError, SoftTimeLimitExceeded) as exc:
         # Bad input or an oversized shard: retrying cannot help; the job records why and stops.
         log.warning("shard %d of job %s failed: %s: %s", index, job_id, type(exc).__name__, exc)
+        jobs.shard_released(job_id, index)
         jobs.error(job_id, client_error(exc, index))
         return {"shard": index, "status": "failed"}
     except Exception as exc:  # a bug or a device failure: logged with its traceback, then raised
         log.error("shard %d of job %s failed with an internal error", index, job_id, exc_info=exc)
+        jobs.shard_released(job_id, index)
         jobs.error(job_id, client_error(exc, index))
         raise
     jobs.shard_finished(job_id, index, result.records, result.failed)
+    dispatch(job_id, 1, jobs, app)  # the job's next shard takes this one's place in the queue
     log.info("shard %d of job %s: %s, %d records, %d failed, %.1f s", index, job_id, result.status,
              result.records, result.failed, result.seconds)
     return {"shard": index, "status": result.status, "records": result.records, "failed": result.failed}
