@@ -502,7 +502,7 @@ def cmd_import_dgnet(args: argparse.Namespace) -> int:
     from trainer.import_dgnet import import_dgnet
 
     out = import_dgnet(args.gen, args.id, resolve_data(args.data), args.out, dis=args.dis, teacher=args.teacher,
-                       teacher_last_stride=args.teacher_last_stride)
+                       teacher_last_stride=args.teacher_last_stride, ea_last_stride=args.id_stride)
     teacher = f"; teacher {out.with_name(out.stem + '.teacher.pt')}" if args.teacher else ""
     print(f"wrote {out} (DG-Net, paper preset, reference layout{'' if args.dis else ', D not imported'}{teacher})")
     return 0
@@ -865,6 +865,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "recorded as the checkpoint's teacher (soft labels of batch jobs)")
     p.add_argument("--teacher-last-stride", type=int, choices=[1, 2], default=2,
                    help="the teacher's last stride (its opts.yaml 'stride'; default 2)")
+    p.add_argument("--id-stride", type=int, choices=[1, 2], default=1,
+                   help="E_a's last stride: the model's config.yaml 'ID_stride' (default 1, as configs/latest.yaml)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.set_defaults(func=cmd_import_dgnet)
 

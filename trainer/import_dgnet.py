@@ -227,16 +227,18 @@ def import_reid(path: str | Path, data: str | Path, out: str | Path, last_stride
 
 def import_dgnet(gen: str | Path, ea: str | Path, data: str | Path, out: str | Path, *,
                  dis: str | Path | None = None, teacher: str | Path | None = None,
-                 teacher_last_stride: int = 2, seed: int = 0) -> Path:
+                 teacher_last_stride: int = 2, ea_last_stride: int = 1, seed: int = 0) -> Path:
     """gen/id[/dis] files of the reference trainer -> a reidgen 'dgnet' checkpoint (paper preset,
     reference layout). Without ``dis``, D starts from the reference initialisation (serving and
     generation never use it). With ``teacher``, the teacher is imported beside ``out``
-    (OUT_STEM.teacher.pt) and recorded as the checkpoint's teacher, which batch jobs use for soft labels."""
+    (OUT_STEM.teacher.pt) and recorded as the checkpoint's teacher, which batch jobs use for soft labels.
+    ``ea_last_stride`` is the model's ``ID_stride`` (config.yaml; 1 in configs/latest.yaml): the files
+    have the same shapes either way, so it cannot be read from them."""
     data = Path(data)
     out = Path(out)
     label_map = data_label_map(data)
     paper: DGNetConfig = DGNET_PRESETS["paper"]
-    cfg = replace(paper, generator=with_layout(paper.generator, "reference"))
+    cfg = replace(paper, last_stride=ea_last_stride, generator=with_layout(paper.generator, "reference"))
     with torch.device("meta"):  # names and shapes only, until every file has been checked
         net = DGNet(cfg, len(label_map))
     target = net.state_dict()
