@@ -209,10 +209,12 @@ EOF
 
 # -- a batch job over HTTP, shards verified in the trainer -----------------------------------------------
 step "POST /v1/jobs, follow it to done, shards verify in the trainer"
-job=$(curl -fsS -H "X-API-Key: $KEY" -H "Content-Type: application/json" "$URL/v1/jobs" -d '{
+job=$(curl -sS -w '\n%{http_code}' -H "X-API-Key: $KEY" -H "Content-Type: application/json" "$URL/v1/jobs" -d '{
   "spec": {"kind": "dgnet_random_structures", "checkpoint": "/models/dgnet", "data": "market1501",
-           "structures_per_image": 1, "subset": 12, "shard_size": 4, "batch_size": 4, "seed": 0},
+           "structures_per_image": 4, "subset": 32, "shard_size": 64, "batch_size": 16, "seed": 0},
   "out": "/shards/e2e"}') || die "POST /v1/jobs failed"
+[ "$(tail -n1 <<<"$job")" = 202 ] || die "POST /v1/jobs answered $(tail -n1 <<<"$job"): $(head -n -1 <<<"$job")"
+job=$(head -n -1 <<<"$job")
 JOB=$(python3 -c "import json, sys; print(json.loads(sys.argv[1])['id'])" "$job")
 deadline=$(( $(date +%s) + TIMEOUT ))
 while :; do
@@ -227,7 +229,7 @@ while :; do
 done
 compose run --rm -T trainer shards verify /shards/e2e | sed 's/^/    /' || die "shards verify failed"
 n=$(find "$WORK/shards/e2e" -maxdepth 1 -name 'shard-*' -type d | wc -l)
-[ "$n" = 3 ] || die "expected 3 shard folders on the host, found $n"
+[ "$n" = 2 ] || die "expected 2 shard folders (128 records, 64 a shard) on the host, found $n"
 owner=$(stat -c %u "$WORK/shards/e2e")
 [ "$owner" = "$RUN_UID" ] || die "the shards belong to uid $owner on the host, not $RUN_UID"
 
