@@ -283,10 +283,22 @@ def _validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+# A job's file names: an empty one or one with a NUL is a name the server does not allow (400),
+# like one outside its roots, not a malformed request (422).
+_PATH_FIELDS = frozenset({"checkpoint", "teacher", "data", "target", "out"})
+
+
+def _bad_name(err: dict) -> bool:
+    loc = err.get("loc", ())
+    return err.get("type") in ("nul_in_path", "string_too_short") and bool(loc) and loc[-1] in _PATH_FIELDS
+
+
 def _validate(cls: type[BaseModel], data: Any, json: bool = False) -> Any:
     try:
         return cls.model_validate_json(data) if json else cls.model_validate(data)
     except ValidationError as exc:
+        if all(_bad_name(err) for err in exc.errors()):
+            raise ApiError(400, "path_not_allowed", _validation_message(exc)) from None
         raise ApiError(422, "invalid_request", _validation_message(exc)) from None
 
 
