@@ -53,6 +53,12 @@ def confine(root: str | Path, name: str, field: str, what: str) -> Path:
         raise _refuse(field, str(name), what, "is empty")
     if "\0" in name:
         raise _refuse(field, name.replace("\0", "\\0"), what, "contains a NUL character")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no file has that name
+        raise _refuse(field, name.encode("utf-8", "replace").decode(), what, "is not valid UTF-8 text") from None
+    if len(encoded) > 1024 or any(len(part.encode()) > 255 for part in Path(name).parts):
+        raise _refuse(field, name, what, "is too long (at most 255 bytes a component, 1024 in all)")
     if ".." in Path(name).parts:
         raise _refuse(field, name, what, "contains '..'")
     base = Path(root).resolve()
