@@ -314,10 +314,21 @@ def test_layer_norm_is_unbiased_std_with_eps_outside() -> None:
     biased = LayerNorm2d(3, unbiased_std=False)
     biased.load_state_dict(ln.state_dict())
     assert (biased(x) - want).abs().max() > 1e-2
-    # gradients flow through the statistics
-    xg = x.clone().requires_grad_(True)
-    ln(xg).square().sum().backward()
-    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    # the hand-written backward is the formula's gradient (w.r.t. x, gain and bias), a constant
+    # input gives 0 and finite gradients, and a second derivative is refused rather than wrong
+    ln64 = LayerNorm2d(3, unbiased_std=True).double()
+    ln64.load_state_dict(ln.state_dict())
+    xd = x.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, w, b: F.leaky_relu(ln64(a), 0.2) * w.sum() + b.sum(),
+                                    (xd, ln64.weight, ln64.bias))
+    flat = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    out = ln(flat)
+    out.sum().backward()
+    torch.testing.assert_close(out, ln.bias.detach().view(1, 3, 1, 1).expand(1, 3, 2, 2))
+    assert torch.isfinite(flat.grad).all()
+    (g,) = torch.autograd.grad(ln(xd.float()).square().sum(), xd, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
 
 
 # ---- checkpoints of the project layout keep loading ------------------------------------------------
