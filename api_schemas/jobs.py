@@ -35,19 +35,23 @@ class _Strict(BaseModel):
 
 
 class JobSpec(_Strict):
-    """What to generate. Paths are as the workers see them (a shared volume in a deployment)."""
+    """What to generate. Over HTTP (and on the workers) ``checkpoint`` and ``teacher`` are model
+    names under the server's models root, ``data`` and ``target`` data set names under its data
+    root; an absolute path is taken only inside that root. `reidgen generate` takes paths."""
 
     kind: JobKind = Field(description="dgnet_all_pairs: every appearance × structure pair of the subset; "
                                       "dgnet_random_structures: K random structures per image; "
                                       "crgan_render: sources rendered into target contexts")
-    checkpoint: PathText = Field(min_length=1, description="DG-Net or CR-GAN checkpoint file or run folder")
+    checkpoint: PathText = Field(min_length=1, description="DG-Net or CR-GAN checkpoint: a model name under the server's models "
+                                                          "root (NAME, NAME.pt or a run folder); in-process, a path")
     teacher: PathText | None = Field(None, description="re-id checkpoint giving the soft labels; default: the "
                                                        "teacher (DG-Net) or identity model (CR-GAN) the generator "
                                                        "was trained with")
     soft_labels: bool = Field(True, description="store the teacher's top-k soft label with every record")
     top_k: int = Field(10, ge=1, le=4096, description="classes kept of each soft label (renormalised to sum 1)")
     data: PathText = Field(min_length=1,
-                           description="source data set: a Market-style folder or a name under REIDGEN_DATA")
+                           description="source data set: a Market-style data set name under the server's data "
+                                       "root; in-process, a folder or a name under REIDGEN_DATA")
     split: Split = "train"
     subset: int | None = Field(None, ge=1, description="use this many source images, drawn with the seed; "
                                                         "default: all")
@@ -146,7 +150,7 @@ class JobManifest(BaseModel):
 
 class JobRequest(_Strict):
     spec: JobSpec
-    out: PathText = Field(min_length=1, description="folder for the shards (as the workers see it)")
+    out: PathText = Field(min_length=1, description="folder for the shards: a name under the server's shards root")
 
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]

@@ -10,7 +10,9 @@ Reliability settings, and why:
 - the broker's ``visibility_timeout`` (how long an unacknowledged message of a dead worker waits
   before Redis hands it out again; default 2 h, ``$REIDGEN_VISIBILITY_TIMEOUT``) should exceed a
   shard's hard time limit, so a slow but live shard is not duplicated; if it is (a short timeout
-  in tests), the duplicate loses the rename race and is discarded.
+  in tests), the duplicate loses the rename race and is discarded. A dead worker's shard does
+  not wait for it: its lease runs out and a watchdog queues it again within seconds
+  (`worker.jobs`); the old message, when it comes back, finds the shard done.
 - time limits are set per task by the submitter from the shard size (`shard_time_limits`).
 
 ``$REIDGEN_REDIS_PREFIX`` prefixes every Redis key (queues and job records), so several

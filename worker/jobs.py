@@ -4,7 +4,8 @@ redoing the shards of lost workers.
 Keys (under ``$REIDGEN_REDIS_PREFIX``)::
 
     job:ID          hash: spec, out, state, shards_total, records_planned, created, started, updated,
-                    records_done, records_failed, dispatched (shards queued so far), redone, tasks
+                    records_done, records_failed, dispatched (shards queued so far), redone
+    job:ID:tasks    list of the ids of the tasks queued (for revoking on cancel)
     job:ID:done     set of finished shard indices (a redelivered shard is counted once)
     job:ID:errors   list of errors, each a `JobError` as JSON (what HTTP clients read: no internals)
     job:ID:events   list of `JobEvent` as JSON (shards redone after their worker was lost)
@@ -126,7 +127,7 @@ class JobStore:
         now = time.time()
         fields = {"spec": request.spec.model_dump_json(), "out": request.out, "state": "queued",
                   "shards_total": shards, "records_planned": records, "created": now, "updated": now,
-                  "records_done": 0, "records_failed": 0, "dispatched": 0, "redone": 0, "tasks": "[]"}
+                  "records_done": 0, "records_failed": 0, "dispatched": 0, "redone": 0}
         flat = [str(x) for kv in fields.items() for x in kv]
         limit = max_active if max_active is not None else 2**62
         return bool(self.r.eval(_CREATE, 2, self._key(job_id), self._active, limit, JOB_TTL_S, *flat, job_id))
