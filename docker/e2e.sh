@@ -2,8 +2,10 @@
 # End-to-end check of the Compose deployment on this machine (`make compose-e2e`): builds the
 # images, trains a tiny DG-Net in the trainer container, starts redis, api and a worker, waits
 # for their health checks, posts a swap with curl and the API key, runs a small batch job over
-# HTTP, verifies its shards in the trainer, trains a tiny re-id model on them, and tears
-# everything down. Every step prints its time; the first failure stops the run (exit 1) after
+# HTTP and verifies its shards in the trainer, scales to 2 workers and kills one and restarts
+# redis while a second job runs (it still completes: unacknowledged shards are delivered again,
+# queued ones survive in Redis's append-only file), trains a tiny re-id model on the shards, and
+# tears everything down. Every step prints its time; the first failure stops the run (exit 1) after
 # showing the services' logs. Loopback only; its containers, network and volumes are removed at
 # the end, its folder too (the images stay, so a second run builds from the cache).
 #
@@ -143,6 +145,8 @@ EOF
         [ -z "${E2E_CPUSET:-}" ] || echo "    cpuset: \"$E2E_CPUSET\""
         [ "$svc" != api ] || echo "    ports: !override [\"127.0.0.1:$PORT:8000\"]"
         [ "$svc" != flower ] || echo "    ports: !override [\"127.0.0.1:0:5555\"]"
+        # A killed worker's shard goes back to the queue after this many seconds (default 2 h).
+        [ "$svc" != worker ] || echo "    environment: {REIDGEN_VISIBILITY_TIMEOUT: \"20\"}"
     done
     echo "secrets:"
     for s in api_key redis_password flower_basic_auth; do echo "  $s: {file: $WORK/secrets/$s}"; done
@@ -191,6 +195,38 @@ compose ps --format '    {{.Service}}: {{.Status}}' 2>/dev/null || compose ps
 URL="http://127.0.0.1:$PORT"
 KEY="$(cat "$WORK/secrets/api_key")"
 
+# POST /v1/jobs of SUBSET source images × 4 structures (64 records a shard: the server's minimum);
+# prints the job id.
+submit() {
+    local out=$1 subset=$2 reply code
+    reply=$(curl -sS --max-time 60 -w '\n%{http_code}' -H "X-API-Key: $KEY" -H "Content-Type: application/json" \
+        "$URL/v1/jobs" -d '{"spec": {"kind": "dgnet_random_structures", "checkpoint": "/models/dgnet",
+            "data": "market1501", "structures_per_image": 4, "subset": '"$subset"', "shard_size": 64,
+            "batch_size": 16, "seed": 0}, "out": "'"$out"'"}') || die "POST /v1/jobs failed"
+    code=$(tail -n1 <<<"$reply")
+    [ "$code" = 202 ] || die "POST /v1/jobs answered $code: $(head -n -1 <<<"$reply")"
+    python3 -c "import json, sys; print(json.loads(sys.argv[1])['id'])" "$(head -n -1 <<<"$reply")"
+}
+# "STATE SHARDS_DONE SHARDS_TOTAL" of a job.
+job_state() {
+    local status
+    status=$(curl -fsS --max-time 30 -H "X-API-Key: $KEY" "$URL/v1/jobs/$1") || return 1
+    python3 -c "import json, sys; j = json.loads(sys.argv[1]); print(j['state'], j['shards_done'], j['shards_total'])" "$status"
+}
+# Wait until a job is done; a failed or cancelled job, or the time limit, stops the run.
+follow() {
+    local deadline=$(( $(date +%s) + TIMEOUT )) state
+    while :; do
+        state=$(job_state "$1") || die "GET /v1/jobs/$1 failed"
+        case "$state" in
+            done*) echo "    job $1: $state"; return 0 ;;
+            failed*|cancelled*) die "job $1 ended: $state ($(curl -sS -H "X-API-Key: $KEY" "$URL/v1/jobs/$1"))" ;;
+        esac
+        [ "$(date +%s)" -lt "$deadline" ] || die "job $1 not done after $TIMEOUT s: $state"
+        sleep 1
+    done
+}
+
 # -- a swap over HTTP ----------------------------------------------------------------------------------
 step "POST /v1/swap with curl and the API key; check the PNG"
 mapfile -t IMGS < <(ls "$WORK"/data/market1501/bounding_box_train/*.jpg | sed -n '1p;$p')
@@ -209,29 +245,48 @@ EOF
 
 # -- a batch job over HTTP, shards verified in the trainer -----------------------------------------------
 step "POST /v1/jobs, follow it to done, shards verify in the trainer"
-job=$(curl -sS -w '\n%{http_code}' -H "X-API-Key: $KEY" -H "Content-Type: application/json" "$URL/v1/jobs" -d '{
-  "spec": {"kind": "dgnet_random_structures", "checkpoint": "/models/dgnet", "data": "market1501",
-           "structures_per_image": 4, "subset": 32, "shard_size": 64, "batch_size": 16, "seed": 0},
-  "out": "/shards/e2e"}') || die "POST /v1/jobs failed"
-[ "$(tail -n1 <<<"$job")" = 202 ] || die "POST /v1/jobs answered $(tail -n1 <<<"$job"): $(head -n -1 <<<"$job")"
-job=$(head -n -1 <<<"$job")
-JOB=$(python3 -c "import json, sys; print(json.loads(sys.argv[1])['id'])" "$job")
-deadline=$(( $(date +%s) + TIMEOUT ))
-while :; do
-    status=$(curl -fsS -H "X-API-Key: $KEY" "$URL/v1/jobs/$JOB") || die "GET /v1/jobs/$JOB failed"
-    state=$(python3 -c "import json, sys; j = json.loads(sys.argv[1]); print(j['state'], j['shards_done'], j['shards_total'])" "$status")
-    case "$state" in
-        done*) echo "    job $JOB: $state"; break ;;
-        failed*|cancelled*) die "job $JOB ended $state: $status" ;;
-    esac
-    [ "$(date +%s)" -lt "$deadline" ] || die "job $JOB not done after ${TIMEOUT} s: $status"
-    sleep 1
-done
+JOB=$(submit "/shards/e2e" 32)
+follow "$JOB"
 compose run --rm -T trainer shards verify /shards/e2e | sed 's/^/    /' || die "shards verify failed"
 n=$(find "$WORK/shards/e2e" -maxdepth 1 -name 'shard-*' -type d | wc -l)
 [ "$n" = 2 ] || die "expected 2 shard folders (128 records, 64 a shard) on the host, found $n"
 owner=$(stat -c %u "$WORK/shards/e2e")
 [ "$owner" = "$RUN_UID" ] || die "the shards belong to uid $owner on the host, not $RUN_UID"
+
+# -- 2 workers, one killed mid-job; redis restarted mid-job -------------------------------------------
+step "scale to 2 workers; kill one mid-job; restart redis mid-job; the job completes"
+compose up -d --no-build --wait --wait-timeout "$TIMEOUT" --scale worker=2 worker >/dev/null 2>&1 \
+    || die "the second worker did not turn healthy"
+[ "$(compose ps -q worker | wc -l)" = 2 ] || die "expected 2 worker containers"
+JOB2=$(submit "/shards/e2e-robust" 64)   # 256 records: 4 shards
+deadline=$(( $(date +%s) + TIMEOUT ))
+until [ "$(job_state "$JOB2" | cut -d' ' -f1)" = running ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "job $JOB2 never started"
+    sleep 0.5
+done
+victim=$(compose ps -q worker | tail -n1)
+# Kill it once it holds a shard (Celery logs "received" when it takes one).
+until docker logs "$victim" 2>&1 | grep -q 'generate_shard\[.*\] received'; do
+    [ "$(date +%s)" -lt "$deadline" ] || die "worker ${victim:0:12} never took a shard"
+    sleep 0.2
+done
+docker kill "$victim" >/dev/null || die "could not kill worker container $victim"
+taken=$(docker logs "$victim" 2>&1 | grep -c 'generate_shard\[.*\] received' || true)
+finished=$(docker logs "$victim" 2>&1 | grep -c 'generate_shard\[.*\] succeeded' || true)
+echo "    killed worker ${victim:0:12} holding $((taken - finished)) unfinished shard(s); job $(job_state "$JOB2")"
+# The queue and the unacknowledged shards as Redis holds them, before and after a restart.
+queue() {
+    compose exec -T redis sh -c 'export REDISCLI_AUTH="$(cat /run/secrets/redis_password)";
+        echo "queued $(redis-cli llen reidgen:reidgen-shards), unacknowledged $(redis-cli hlen reidgen:unacked)"'
+}
+before=$(queue) || die "could not read the queue from redis"
+compose restart redis >/dev/null 2>&1 || die "could not restart redis"
+compose up -d --no-build --wait --wait-timeout "$TIMEOUT" redis >/dev/null 2>&1 || die "redis did not turn healthy again"
+after=$(queue) || die "could not read the queue from redis after the restart"
+echo "    redis restarted: before $before; after $after"
+[ "$before" = "$after" ] || echo "    (the surviving worker took or finished shards meanwhile)"
+follow "$JOB2"
+compose run --rm -T trainer shards verify /shards/e2e-robust | sed 's/^/    /' || die "shards verify failed"
 
 # -- train on the shards ------------------------------------------------------------------------------
 step "train a tiny re-id model on the shards (docker compose run --rm trainer)"
