@@ -35,9 +35,16 @@ class PathNotAllowed(ReidgenError):
     code = "path_not_allowed"
 
 
+_ROOT_OF = {"model": "models root", "data set": "data root", "shards folder": "shards root"}
+
+
+def _root_word(what: str) -> str:
+    return _ROOT_OF.get(what, f"{what} root")
+
+
 def _refuse(field: str, given: str, what: str, reason: str) -> PathNotAllowed:
     shown = given if len(given) <= 200 else given[:200] + "..."
-    message = (f"{field}: {shown!r} {reason}; give the name of a {what} under this server's {what} root "
+    message = (f"{field}: {shown!r} {reason}; give the name of a {what} under this server's {_root_word(what)} "
                f"(a relative name without '..'; an absolute path only inside that root)")
     return PathNotAllowed(message, public=message)
 
@@ -68,11 +75,12 @@ def confine(root: str | Path, name: str, field: str, what: str) -> Path:
     except (OSError, RuntimeError):  # a symlink loop, a name too long
         raise _refuse(field, name, what, "cannot be resolved") from None
     if resolved == base:
-        message = f"{field}: {name!r} names this server's {what} root itself; give the name of a {what} inside it"
+        message = (f"{field}: {name!r} names this server's {_root_word(what)} itself; give the name of a {what} "
+                   f"inside it")
         raise PathNotAllowed(message, public=message)
     if not resolved.is_relative_to(base):
         outside = given.is_absolute() and not given.resolve().is_relative_to(base)
-        raise _refuse(field, name, what, f"{'is' if outside else 'resolves'} outside this server's {what} root")
+        raise _refuse(field, name, what, f"{'is' if outside else 'resolves'} outside this server's {_root_word(what)}")
     return resolved
 
 

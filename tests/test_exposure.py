@@ -141,7 +141,7 @@ BAD_NAMES = [
     ("out", f"{OUTSIDE}/new", "is outside"),
     ("out", "../outside/new", "contains '..'"),
     ("out", "escape/new", "resolves outside"),
-    ("out", ".", "names this server's shards folder root itself"),
+    ("out", ".", "names this server's shards root itself"),
     ("out", "", "out: String should have at least 1 character"),
     ("out", "new\0", "must not contain a NUL character"),
 ]
