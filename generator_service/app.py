@@ -4,9 +4,12 @@
 models, healthz, readyz, metrics). Handlers only parse, bound and encode; generation goes
 through the engine's queue and batcher, the same code the workers and trainers call.
 
-Safety (DESIGN.md, "safe to expose"): with an API key configured every endpoint except
-health/readiness needs it; body bytes, images per request, generated images per request and
-pixels per image are bounded before any expensive work; every error is an `ErrorBody` JSON
+Safety (DESIGN.md, "safe to expose"; README, "Exposing the service"): with an API key configured
+every endpoint except health/readiness needs it; body bytes (and their arrival time), JSON
+structure, images per request, generated images per request and pixels per image are bounded
+before any expensive work; a full queue (counted in images) is refused before a body is read; a
+job names its files under the server's roots (`Settings`) and is bounded in records, shards and
+number; every error is an `ErrorBody` JSON
 with a code and a message saying what was wrong, and no stack trace, server path or file bytes
 ever reach a client: those go to the log under the request's id (``X-Request-ID``, echoed on
 every response and given in every error body). Decoding and encoding run in the thread pool,
@@ -134,7 +137,7 @@ class Settings:
     dispatch_window: int = 64     # tasks queued at submission; each finished shard queues the next
     max_job_body_bytes: int = 64 * 1024
     # JSON bodies: bounded in structure before they are parsed.
-    max_json_items: int = 4096    # object members + array elements of one body
+    max_json_items: int = 4096    # members, elements and brackets of one body
     max_json_depth: int = 32
     # Connections (uvicorn, generator_service.serve): slow clients are closed, connections capped.
     header_timeout_s: float = 10.0  # a request's head must arrive within this
@@ -780,7 +783,8 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics, known: frozenset[str
 
 
 class GuardMiddleware:
-    """Outermost checks, before any route runs: API key, body size (declared and streamed), and
+    """Outermost checks, before any route runs: API key, body size (declared and streamed; a job's
+    body has a smaller bound), the body's deadline (``body_timeout_s`` from the head: 408), and
     the request metrics (so refused requests are counted too). Plain ASGI: it never buffers.
 
     It also gives every request its id (`request_id_of`), kept in the scope's state for the
