@@ -444,12 +444,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             os.environ[var] = str(getattr(args, flag))
     from generator_service.app import Settings
-    from worker.celery_app import app, queue_name
+    from worker.celery_app import app, queue_name, redo_queue_name
 
     Settings.from_env()  # bad timings fail here, in one line, not in every task
 
     argv = ["worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
-            "--queues", queue_name(), "--without-gossip", "--without-mingle"]
+            "--queues", f"{queue_name()},{redo_queue_name()}", "--without-gossip", "--without-mingle"]
     if args.hostname:
         argv += ["--hostname", args.hostname]
     app.worker_main(argv)

@@ -216,15 +216,22 @@ def test_worker_killed_mid_shard_is_redone_at_once_and_the_job_says_so(broker, s
     client = broker["store"].r
 
     def doomed_mid_shard():
+        """The shard the doomed worker is making, once another is done; checked with the worker
+        frozen (SIGSTOP), so that it cannot finish the shard between the look and the kill."""
         held = {int(k): v.decode() for k, v in client.hgetall(running).items()}
         mine = [i for i, w in held.items() if w.startswith("w-doomed@")]
-        return mine and shard_paths(tmp_path) and mine[0]
+        if not (mine and shard_paths(tmp_path)):
+            return None
+        os.killpg(doomed.proc.pid, signal.SIGSTOP)
+        if (tmp_path / f"shard-{mine[0]:05d}").exists():  # it has just finished: let it go on
+            os.killpg(doomed.proc.pid, signal.SIGCONT)
+            return None
+        return [mine[0]]
 
     try:
-        killed = wait_for(doomed_mid_shard, 300, "the doomed worker to be in the middle of a shard", doomed)
+        [killed] = wait_for(doomed_mid_shard, 300, "the doomed worker to be in the middle of a shard", doomed)
         doomed.kill()
         killed_at = time.monotonic()
-        assert not (tmp_path / f"shard-{killed:05d}").exists()
         wait_for(lambda: (tmp_path / f"shard-{killed:05d}" / "manifest.json").is_file(), 60,
                  "the killed worker's shard to be redone", survivor)
         redone_after = time.monotonic() - killed_at

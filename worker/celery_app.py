@@ -87,6 +87,13 @@ def queue_name() -> str:
     return os.environ.get("REIDGEN_QUEUE", DEFAULT_QUEUE)
 
 
+def redo_queue_name() -> str:
+    """Where the shards of lost workers are queued again. Workers consume it beside the main queue
+    and Celery's Redis transport alternates between the two, so a redone shard is taken by the
+    next free worker instead of waiting behind every queued shard."""
+    return f"{queue_name()}.redo"
+
+
 def shard_time_limits(shard_size: int) -> tuple[int, int]:
     """(soft, hard) seconds for one shard: a fixed start-up allowance plus a per-image budget."""
     soft = int(120 + shard_size * SECONDS_PER_IMAGE)

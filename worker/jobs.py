@@ -25,7 +25,8 @@ Recovery: a running shard holds a lease that its task renews every ``heartbeat_s
 expires ``lease_s`` after the last renewal. Each worker's main process runs a `Watchdog` that,
 every ``heartbeat_s``, looks for running shards of active jobs whose lease has expired (their
 worker was SIGKILLed, lost its machine or its network), claims each once (atomically, across all
-watchdogs), records a ``worker_lost`` event and queues the shard again. The lost worker's
+watchdogs), records a ``worker_lost`` event and queues the shard again, on the redo queue, which
+the next free worker takes from first (`worker.celery_app.redo_queue_name`). The lost worker's
 message still waits for the broker's visibility timeout; when it comes back, the shard is done
 and the duplicate is skipped.
 """
@@ -42,7 +43,7 @@ import redis
 
 from api_schemas.jobs import JobError, JobEvent, JobManifest, JobRequest, JobStatus
 from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_error
-from worker.celery_app import key_prefix, redis_url, shard_time_limits
+from worker.celery_app import key_prefix, redis_url, redo_queue_name, shard_time_limits
 from worker.plans import locate, make_plan
 from worker.shards import ensure_job_manifest
 
@@ -273,9 +274,11 @@ def _error_line(error: JobError) -> str:
     return f"{where}{error.code}: {error.message}"
 
 
-def send_shard(app, job_id: str, spec_json: str, out: str, index: int, shard_size: int, store: JobStore) -> str:
+def send_shard(app, job_id: str, spec_json: str, out: str, index: int, shard_size: int, store: JobStore,
+               queue: str | None = None) -> str:
     soft, hard = shard_time_limits(shard_size)
-    result = app.send_task(TASK, args=(job_id, spec_json, out, index), soft_time_limit=soft, time_limit=hard)
+    result = app.send_task(TASK, args=(job_id, spec_json, out, index), soft_time_limit=soft, time_limit=hard,
+                           queue=queue)
     store.add_task(job_id, result.id)
     return result.id
 
@@ -373,7 +376,8 @@ def redo_lost_shards(store: JobStore, app, lease_s: float) -> list[tuple[str, in
             f"the worker making this shard stopped sending heartbeats for {lease_s:g} s (killed or lost); the "
             f"shard was queued again and its partial output discarded")))
         spec_json, out = store.spec_and_out(job_id)
-        send_shard(app, job_id, spec_json, out, index, json.loads(spec_json)["shard_size"], store)
+        send_shard(app, job_id, spec_json, out, index, json.loads(spec_json)["shard_size"], store,
+                   queue=redo_queue_name())
         redone.append((job_id, index))
     return redone
 
