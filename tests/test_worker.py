@@ -52,11 +52,7 @@ def broker(tmp_path_factory, tiny_dgnet):
     except redis.RedisError as exc:
         pytest.skip(f"no Redis at {url} ({exc})")
     tag = uuid.uuid4().hex[:8]
-    env = {"REDIS_URL": url, "REIDGEN_REDIS_PREFIX": f"reidgen-test-{tag}:", "REIDGEN_QUEUE": f"shards-{tag}",
-           # A killed worker's shard is queued again once its lease runs out (production: 30 s).
-           "REIDGEN_HEARTBEAT_S": "0.5", "REIDGEN_LEASE_S": "2",
-           "REIDGEN_MODELS_ROOT": str(tiny_dgnet["root"]), "REIDGEN_DATA": str(tiny_dgnet["root"]),
-           "REIDGEN_SHARDS_ROOT": str(tmp_path_factory.getbasetemp())}
+    env = {"REDIS_URL": url, "REIDGEN_REDIS_PREFIX": f"reidgen-test-{tag}:", "REIDGEN_QUEUE": f"shards-{tag}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     from worker.celery_app import make_app
@@ -85,9 +81,14 @@ class Worker:
     def __init__(self, broker, name: str):
         env = {**os.environ, **broker["env"], "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log = broker["logs"] / f"{name}.log"
+        roots = broker["roots"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reidgen", "worker", "--concurrency", "1", "--threads", "1", "--device", "cpu",
-             "--loglevel", "info", "--hostname", f"{name}@%h"],
+             "--loglevel", "info", "--hostname", f"{name}@%h",
+             "--models-root", str(roots.models_root), "--data-root", str(roots.data_root),
+             "--shards-root", str(roots.shards_root),
+             # A killed worker's shard is queued again once its lease runs out (default: 30 s).
+             "--heartbeat", "0.5", "--lease", "2"],
             cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self) -> None:
