@@ -475,3 +475,28 @@ def test_heavy_json_is_refused_before_parsing_and_health_stays_responsive(tight)
                           "out": "o"}).encode()
     r = httpx.post(f"{tight.url}/v1/jobs", content=big_job, headers={"content-type": "application/json"})
     assert "at most 65536" in error_of(r, 413, "body_too_large")  # a job's body has a bound of its own
+
+
+def test_serve_flags_reach_the_settings(monkeypatch, tmp_path):
+    """`reidgen serve`'s flags (roots, job bounds, connection limits) become the one `Settings`
+    the app and uvicorn are built from; unset ones keep the environment's defaults."""
+    import generator_service.serve as serve_module
+    from reidgen.cli import main
+
+    captured = {}
+    monkeypatch.setattr(serve_module, "serve", lambda models, **kw: captured.update(kw, models=models))
+    monkeypatch.setenv("REIDGEN_SHARDS_ROOT", str(tmp_path / "env-shards"))
+    assert main(["serve", "--models", str(tmp_path / "m"), "--no-jobs", "--data-root", str(tmp_path / "d"),
+                 "--max-active-jobs", "3", "--min-shard-size", "32", "--header-timeout", "2.5",
+                 "--max-connections", "9", "--queue-size", "100"]) == 0
+    limits = {k: v for k, v in captured.items() if k in Settings.__dataclass_fields__}
+    settings = Settings.from_env(models_root=captured["models"], **limits)
+    assert settings.models_root == tmp_path / "m" and settings.data_root == tmp_path / "d"
+    assert settings.shards_root == tmp_path / "env-shards"  # no flag: the environment's
+    assert (settings.max_active_jobs, settings.min_shard_size, settings.header_timeout_s,
+            settings.max_connections) == (3, 32, 2.5, 9)
+    assert settings.max_job_records == 2_000_000 and settings.body_timeout_s == 60.0  # defaults kept
+    assert captured["queue_size"] == 100
+    config = uvicorn_config(object(), settings)
+    assert config.http.header_timeout_s == 2.5 and config.http.max_connections == 9
+    assert config.limit_concurrency == 10 and config.timeout_keep_alive == 5
