@@ -207,7 +207,7 @@ class EngineInfo(BaseModel):
     amp: bool = Field(description="bf16 autocast on CUDA")
     max_batch: int = Field(ge=1, description="images generated per model call, at most")
     max_wait_ms: float = Field(ge=0, description="how long a batch waits for more requests")
-    queue_size: int = Field(ge=1, description="requests waiting at most; more get 503 with Retry-After")
+    queue_size: int = Field(ge=1, description="images waiting at most; more get 503 with Retry-After")
 
 
 class LimitsInfo(BaseModel):
