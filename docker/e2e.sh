@@ -82,15 +82,14 @@ compose() { docker compose -p "$PROJECT" --env-file "$WORK/e2e.env" "${FILES[@]}
 logs() { compose logs --no-color --tail 40 2>&1 | sed 's/^/    | /' >&2 || true; }
 cleanup() {
     rc=$?
-    [ $rc -eq 0 ] || { [ -z "$WORK" ] || [ ! -f "$WORK/e2e.env" ] || logs; }
-    if [ -n "$WORK" ] && [ -f "$WORK/e2e.env" ]; then
-        if [ "${E2E_KEEP:-0}" = 1 ]; then
-            echo "[e2e] kept: docker compose -p $PROJECT --env-file $WORK/e2e.env ${FILES[*]} -f $WORK/e2e.override.yml down -v; rm -rf $WORK"
-        else
-            echo "[e2e $(elapsed "$T0") s] ---- tear down"
-            compose --profile trainer --profile flower down -v --remove-orphans --timeout 20 >/dev/null 2>&1 || true
-            rm -rf "$WORK"
-        fi
+    [ $rc -eq 0 ] || [ -z "$WORK" ] || [ ! -f "$WORK/e2e.override.yml" ] || logs
+    if [ -n "$WORK" ] && [ "${E2E_KEEP:-0}" = 1 ]; then
+        echo "[e2e] kept: docker compose -p $PROJECT --env-file $WORK/e2e.env ${FILES[*]} -f $WORK/e2e.override.yml down -v; rm -rf $WORK"
+    elif [ -n "$WORK" ]; then
+        echo "[e2e $(elapsed "$T0") s] ---- tear down"
+        [ ! -f "$WORK/e2e.override.yml" ] \
+            || compose --profile trainer --profile flower down -v --remove-orphans --timeout 20 >/dev/null 2>&1 || true
+        rm -rf "$WORK"
     fi
     [ $rc -ne 0 ] || echo "[e2e $(elapsed "$T0") s] PASSED"
     exit $rc
