@@ -154,7 +154,7 @@ def cmd_train_dgnet(args: argparse.Namespace) -> int:
                   "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
                   "strict_images", "ea_from_teacher", "id_cross_trains_ea", "feed_trains_generator",
                   "structure_target_grad", "encode_again_p", "fine_on_real", "sum_over_loaders", "init",
-                  "quality_every", "cpu_bf16", "milestones"]
+                  "quality_every", "cpu_bf16", "milestones", "init_from"]
         cfg = dgnet_preset_config(args.preset, data=str(resolve_data(args.data)), teacher=args.teacher,
                                   **_overrides(args, fields))
         last = train_dgnet(cfg, args.out)
@@ -569,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Several GPUs: torchrun --nproc_per_node N -m reidgen train-dgnet ...")
     p.add_argument("--data", help="training data: a Market-style folder or a data set name")
     p.add_argument("--teacher", help="baseline checkpoint (reidgen train-reid) giving the soft labels")
+    p.add_argument("--init", dest="init_from", metavar="CKPT",
+                   help="start from this DG-Net checkpoint's weights: a run, an import-dgnet file or an export "
+                        "(same identities; its model configuration wins over the preset's)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--preset", default="small", choices=["paper", "small"],
                    help="paper: ResNet-50, 256×128, the appendix's shapes, 100K iterations; small (default): "
@@ -621,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sum-over-loaders", action=argparse.BooleanOptionalAction, default=None,
                    help="sum every loss over loaders a and b, as the reference (paper preset: on; small: off, the "
                         "mean)")
-    r.add_argument("--init", choices=["reference", "pytorch"],
+    r.add_argument("--weight-init", dest="init", choices=["reference", "pytorch"],
                    help="initial weights of E_s, G, D: reference (Kaiming / N(0, 0.02)) or PyTorch's defaults")
     _add_gan_run_options(g)
     g.add_argument("--strict-images", action="store_true", default=None,

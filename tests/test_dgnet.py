@@ -114,6 +114,22 @@ def test_mismatched_teacher_is_refused(market_mini, teacher, tmp_path):
         train_dgnet(cfg, tmp_path, progress=False)
 
 
+def test_a_run_starts_from_an_export_and_refuses_to_resume_from_it(dg_run, data20, teacher, tmp_path):
+    from generator_service.dgnet import export_inference
+
+    export = export_inference(dg_run / "checkpoints" / "last.pt", tmp_path / "export.pt")
+    source, _ = DGNet.from_checkpoint(export)
+    # The preset's own model (another backbone) is replaced by the file's configuration.
+    trainer = DGNetTrainer(dg_config(data20, teacher, backbone="efficientnet_lite0", init_from=str(export)),
+                           tmp_path / "run", progress=False)
+    assert trainer.cfg.model == source.cfg and not trainer.cfg.ea_from_teacher
+    started = trainer.net.state_dict()
+    for key, value in source.state_dict().items():  # E_a, E_s, G from the file; D (not in it) initialised
+        assert torch.equal(started[key], value), key
+    with pytest.raises(ReidgenError, match="inference export .* --init"):
+        train_dgnet(None, tmp_path / "again", resume=export)
+
+
 def test_milestones_must_be_fractions_of_the_run(data20, teacher, tmp_path):
     cfg = dg_config(data20, teacher, iterations=2, milestones=(870.0,))  # iterations, not a fraction
     with pytest.raises(ReidgenError, match=r"milestones \[870.0\]: expected fractions"):

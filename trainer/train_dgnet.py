@@ -87,6 +87,9 @@ class DGNetTrainConfig:
     # Start E_a's backbone from the teacher's (same backbone kind). Off in the paper (ImageNet); the
     # small preset turns it on so that the appearance code carries identity from the first step.
     ea_from_teacher: bool = False
+    # Start E_a, E_s, G (and D, when the file has one) from a DG-Net checkpoint: a trained run, an
+    # `import-dgnet` of the public reference files or an `export`. The model configuration is the file's.
+    init_from: str = ""
     iterations: int = 2000
     batch_size: int = 8               # per loader (two loaders: a and b)
     lr_ea: float = 0.002              # SGD for E_a (heads ×ea_head_lr_mult)
@@ -210,8 +213,14 @@ class DGNetTrainer:
                  progress: bool = True):
         self.ctx: DistContext = init_distributed()
         ckpt = load_checkpoint(resume, "dgnet") if resume else None
+        if ckpt is not None and ckpt.get("inference_only"):
+            raise ReidgenError(f"{resume} is an inference export (no D, optimiser or RNG state): training cannot "
+                               f"resume from it; start a new run from its weights with --init {resume}")
         if ckpt is not None:
             cfg = config_from_dict(DGNetTrainConfig, ckpt["train_config"])
+        start = load_checkpoint(cfg.init_from, "dgnet") if ckpt is None and cfg.init_from else None
+        if start is not None:  # the weights decide the architecture
+            cfg = replace(cfg, model=config_from_dict(DGNetConfig, start["model_config"]), ea_from_teacher=False)
         self.cfg, self.out, self.progress = cfg, Path(out), progress and self.ctx.is_main
         self.device = pick_device(device_for(self.ctx, cfg.device))
         items = scan_split(cfg.data, "train")
@@ -219,6 +228,8 @@ class DGNetTrainer:
         self.label_map = LabelMap.from_items(items)
         if ckpt is not None:
             LabelMap(tuple(ckpt["label_map"])).require_same(self.label_map, f"resuming {resume} on {cfg.data}")
+        if start is not None:
+            LabelMap(tuple(start["label_map"])).require_same(self.label_map, f"--init {cfg.init_from} on {cfg.data}")
         if not cfg.teacher:
             raise ReidgenError("a teacher checkpoint is required (train one with reidgen train-reid)")
         if any(not 0 < m <= 1 for m in cfg.milestones):
@@ -230,6 +241,8 @@ class DGNetTrainer:
         self.net = DGNet(cfg.model, len(self.label_map), pretrained="none" if ckpt else cfg.pretrained)
         if ckpt is None:
             self._initialise()
+        if start is not None:
+            self._load_start(start)
         self.net.to(self.device)
         broadcast_parameters(self.net, self.ctx)
         ea = self.net.ea
@@ -278,6 +291,14 @@ class DGNetTrainer:
             state = {k.removeprefix("backbone."): v for k, v in self.teacher.net.state_dict().items()
                      if k.startswith("backbone.")}
             load_state(self.net.ea.backbone, state, f"E_a from the teacher's backbone ({cfg.teacher})")
+
+    def _load_start(self, start: dict) -> None:
+        """Every network the file holds, strictly; D keeps its initial weights when the file has none."""
+        for name in ("ea", "es", "dec", "dis"):
+            part = {k[len(name) + 1:]: v for k, v in start["model"].items() if k.startswith(name + ".")}
+            if name == "dis" and not part:
+                continue
+            load_state(getattr(self.net, name), part, f"--init {self.cfg.init_from} ({name})")
 
     @property
     def optimizers(self):
