@@ -71,6 +71,7 @@ def test_a_rendering_of_its_own_targets_background_always_matches(pairs):
     assert summary["own_target_match"] == 1.0
     assert summary["foreground_l1"] == pytest.approx(0, abs=1e-6)
     assert summary["background_l1_own"] == pytest.approx(0, abs=1e-6) and summary["background_l1_other"] > 0.3
+    assert summary["background_l1_source"] > 0.3
     # off the person the renderings differ exactly as much as their targets do
     assert summary["spread_l1"] == pytest.approx(summary["spread_l1_targets"], rel=1e-5) and summary["spread_l1"] > 0.3
     # the soft mask (weights off the person < 1 on its edge) picks the same targets
@@ -192,6 +193,7 @@ def test_quality_command_on_a_crgan_checkpoint(keep_source_run, cuhk_mini, capsy
     assert report["spread_l1"] == pytest.approx(0, abs=1e-5) and report["spread_l1_targets"] > 0.2
     assert report["diversity_inception"] == pytest.approx(0, abs=1e-3) and report["diversity_inception_real"] > 1
     assert report["foreground_l1"] == pytest.approx(0, abs=1e-5) and report["context_mask_background"] < 1e-6
+    assert report["background_l1_source"] == pytest.approx(0, abs=1e-5) and report["background_l1_own"] > 0.2
     # D_id sees the sources themselves: identity preserved exactly as often as on the real images
     assert report["identity_preservation"] == report["identity_real"]
     assert report["fid"] > 0 and report["fid_real"] > 0 and report["diversity_lpips"] is None

@@ -20,8 +20,8 @@ the generator never saw in training), so n = S·k renderings, and measures:
 - **foreground fidelity**: L1 between rendering and source on the source's person region (M_S
   weights, the normalised space of the training loss L_con).
 
-And a few diagnostics that say where instance guidance is lost: the background L1 to the own and
-to the other targets, how much the k renderings of a source differ outside the person (against
+And a few diagnostics that say where instance guidance is lost: the background L1 to the own
+target, to the other targets and to the source's own background, how much the k renderings of a source differ outside the person (against
 how much their targets differ there), and the mean context mask X_C on and off the person.
 
 Masks come from the provider the model was trained with, cached like the trainer's (the run's
@@ -115,6 +115,7 @@ class GroupMeasures:
     own_target_hits: torch.Tensor       # (S, k) bools
     background_l1_own: torch.Tensor     # (S, k) L1 to the own target outside the source's person
     background_l1_other: torch.Tensor   # (S, k) mean L1 to the k − 1 other targets, same region
+    background_l1_source: torch.Tensor  # (S, k) L1 to the source's own background, same region
     foreground_l1: torch.Tensor         # (S, k) L1 to the source on its person region
     spread_l1: torch.Tensor             # (S,) mean L1 between two renderings of a source, off the person
     spread_l1_targets: torch.Tensor     # (S,) the same between their targets
@@ -131,6 +132,7 @@ class GroupMeasures:
             "own_target_match": float(self.own_target_hits.float().mean()),
             "background_l1_own": float(self.background_l1_own.mean()),
             "background_l1_other": float(self.background_l1_other.mean()),
+            "background_l1_source": float(self.background_l1_source.mean()),
             "foreground_l1": float(self.foreground_l1.mean()),
             "spread_l1": float(self.spread_l1.mean()),
             "spread_l1_targets": float(self.spread_l1_targets.mean()),
@@ -162,6 +164,7 @@ def measure_groups(renderings: torch.Tensor, sources: torch.Tensor, source_masks
         own_target_hits=own_target_hits(distances),
         background_l1_own=own,
         background_l1_other=other,
+        background_l1_source=masked_l1(renderings, sources[:, None], background),
         foreground_l1=masked_l1(renderings, sources[:, None], person),
         spread_l1=pairwise_masked_l1(renderings, 1 - source_masks),
         spread_l1_targets=pairwise_masked_l1(targets, 1 - source_masks),
@@ -470,6 +473,7 @@ DESCRIPTIONS = {
     "foreground_l1": "L1 of rendering vs source on the source's person (normalised space; lower = kept)",
     "background_l1_own": "L1 of rendering vs its own target off the source's person",
     "background_l1_other": "the same vs the k − 1 other targets (own should be clearly lower)",
+    "background_l1_source": "the same vs the source's own background (low = the source's background survives)",
     "spread_l1": "mean L1 between two renderings of a source off its person (0 = one texture for all)",
     "spread_l1_targets": "the same between their targets: what following the context would give",
     "context_mask_person": "mean context mask X_C on the source's person (0 = the source is kept)",
