@@ -3,11 +3,12 @@
 # images, trains a tiny DG-Net in the trainer container, starts redis, api and a worker, waits
 # for their health checks, posts a swap with curl and the API key, runs a small batch job over
 # HTTP and verifies its shards in the trainer, scales to 2 workers and kills one and restarts
-# redis while a second job runs (it still completes: unacknowledged shards are delivered again,
-# queued ones survive in Redis's append-only file), trains a tiny re-id model on the shards, and
-# tears everything down. Every step prints its time; the first failure stops the run (exit 1) after
-# showing the services' logs. Loopback only; its containers, network and volumes are removed at
-# the end, its folder too (the images stay, so a second run builds from the cache).
+# redis while a second job runs (it still completes: the lost worker's shard is redone when its
+# lease runs out, queued ones survive in Redis's append-only file), trains a tiny re-id model on
+# the shards, and tears everything down. Every step prints its time; the first failure stops the
+# run (exit 1) after showing the services' logs. Loopback only; its containers, network and
+# volumes are removed at the end, its folder too (the images stay, so a second run builds from
+# the cache).
 #
 # Runs with docker-compose.yml + docker-compose.cpu.yml (no GPUs, the local Debian base), or with
 # docker-compose.yml alone (E2E_GPU=1: the CUDA base and GPU reservations). Settings, all optional:
@@ -144,8 +145,6 @@ EOF
         [ -z "${E2E_CPUSET:-}" ] || echo "    cpuset: \"$E2E_CPUSET\""
         [ "$svc" != api ] || echo "    ports: !override [\"127.0.0.1:$PORT:8000\"]"
         [ "$svc" != flower ] || echo "    ports: !override [\"127.0.0.1:0:5555\"]"
-        # A killed worker's shard goes back to the queue after this many seconds (default 2 h).
-        [ "$svc" != worker ] || echo "    environment: {REIDGEN_VISIBILITY_TIMEOUT: \"20\"}"
     done
     echo "secrets:"
     for s in api_key redis_password flower_basic_auth; do echo "  $s: {file: $WORK/secrets/$s}"; done
@@ -272,7 +271,8 @@ done
 docker kill "$victim" >/dev/null || die "could not kill worker container $victim"
 taken=$(docker logs "$victim" 2>&1 | grep -c 'generate_shard\[.*\] received' || true)
 finished=$(docker logs "$victim" 2>&1 | grep -c 'generate_shard\[.*\] succeeded' || true)
-echo "    killed worker ${victim:0:12} holding $((taken - finished)) unfinished shard(s); job $(job_state "$JOB2")"
+held=$((taken - finished))
+echo "    killed worker ${victim:0:12} holding $held unfinished shard(s); job $(job_state "$JOB2")"
 # The queue and the unacknowledged shards as Redis holds them, before and after a restart.
 queue() {
     compose exec -T redis sh -c 'export REDISCLI_AUTH="$(cat /run/secrets/redis_password)";
@@ -285,6 +285,10 @@ after=$(queue) || die "could not read the queue from redis after the restart"
 echo "    redis restarted: before $before; after $after"
 [ "$before" = "$after" ] || echo "    (the surviving worker took or finished shards meanwhile)"
 follow "$JOB2"
+# The killed worker's shard was redone (its lease ran out; the watchdog queued it again).
+redone=$(curl -fsS -H "X-API-Key: $KEY" "$URL/v1/jobs/$JOB2" | python3 -c "import json, sys; print(json.load(sys.stdin)['shards_redone'])")
+echo "    shards_redone: $redone"
+[ "$held" -eq 0 ] || [ "$redone" -ge 1 ] || die "the killed worker's shard was not redone (shards_redone $redone)"
 compose run --rm -T trainer shards verify /shards/e2e-robust | sed 's/^/    /' || die "shards verify failed"
 
 # -- train on the shards ------------------------------------------------------------------------------
