@@ -196,7 +196,7 @@ def frozen_copy(module: torch.nn.Module, *args):
 
 
 # The cheap quality figures plotted beside the losses (quality.png).
-QUALITY_CURVES = ("identity_consistency", "structure_identity_share", "reconstruction_ssim",
+QUALITY_CURVES = ("identity_consistency", "structure_identity_share", "reconstruction_identity", "reconstruction_ssim",
                   "reconstruction_l1", "diversity_ssim", "teacher_fd")
 
 
