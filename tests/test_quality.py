@@ -124,10 +124,11 @@ def test_identical_sets_give_zero_fid_and_a_blurred_copy_a_clearly_higher_one(re
 
     assert abs(same["fid"]) < 1e-3
     assert blurred["fid"] > 50
-    # KID's unbiased estimate of a set against itself is -2·(mean k(x,x) - mean k(x,y))/n: at most 0,
-    # and O(1/n) small; a blurred copy is clearly further.
+    # KID of a set against itself, on random half-size subsets of each side: at most 0 (the subsets
+    # share images, whose cross terms are the largest kernel values); a blurred copy is clearly
+    # further, and since the subsets differ, its spread is not 0.
     assert same["kid"] <= 1e-9
-    assert blurred["kid"] > 0.02
+    assert blurred["kid"] > 0.02 and blurred["kid_std"] > 0
     assert distances.features.images_seen == 16  # KID reused the features FID read: one pass per image
 
 

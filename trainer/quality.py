@@ -354,7 +354,9 @@ class InceptionDistances:
         real, other = (torch.cat(self.sets[k]) if self.sets[k] else torch.zeros(0) for k in (True, False))
         if min(len(real), len(other)) < 2:
             raise ReidgenError("FID and KID need at least two images in each set")
-        self.kid.subset_size = min(KID_SUBSET_SIZE, len(real), len(other))
+        # Subsets of half the smaller set at most: subsets as large as the set are all the whole set,
+        # and kid_std would read 0 however uncertain the figure is.
+        self.kid.subset_size = max(2, min(KID_SUBSET_SIZE, len(real) // 2, len(other) // 2))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             kid, kid_std = self.kid.compute()
