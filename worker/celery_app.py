@@ -83,6 +83,20 @@ def key_prefix() -> str:
     return os.environ.get("REIDGEN_REDIS_PREFIX", "reidgen:")
 
 
+def redis_retry_s() -> float:
+    """How long a worker keeps retrying a call to a job record while Redis is unreachable (a
+    restart, a failover) before the shard fails with ``job_store_unavailable``:
+    ``$REIDGEN_REDIS_RETRY_S``, default 60 s."""
+    raw = os.environ.get("REIDGEN_REDIS_RETRY_S", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ReidgenError(f"REIDGEN_REDIS_RETRY_S must be a number of seconds, 0 or more, not {raw!r}")
+    return value
+
+
 def queue_name() -> str:
     return os.environ.get("REIDGEN_QUEUE", DEFAULT_QUEUE)
 

@@ -29,6 +29,18 @@ watchdogs), records a ``worker_lost`` event and queues the shard again, on the r
 the next free worker takes from first (`worker.celery_app.redo_queue_name`). The lost worker's
 message still waits for the broker's visibility timeout; when it comes back, the shard is done
 and the duplicate is skipped.
+
+Redis outages (a restart, a failover, a Redis still loading its data): every call a running
+shard makes to its job record (`retrying`) is tried again with a growing pause, for up to
+``retry_s`` (``$REIDGEN_REDIS_RETRY_S``, default 60 s); only beyond that does it fail, with the
+code ``job_store_unavailable`` (`JobStoreUnavailable`). The cancellation check does not wait: an
+unreachable Redis reads as "not cancelled, ask again at the next batch", so the shard keeps
+working through the outage. The calls are safe to repeat: a command whose reply was lost may
+have run, so the counters are added in one script together with the ``done`` set's membership
+(`shard_finished`), and a shard is claimed for dispatch under a token that a repeat returns
+again (`claim_next`). A lease that ran out while Redis was away is set again by its heartbeat
+(the shard is still recorded as this worker's), and a watchdog that saw Redis away waits one
+lease period before it declares any shard lost, so the live workers renew theirs first.
 """
 from __future__ import annotations
 
@@ -40,10 +52,11 @@ import time
 import uuid
 
 import redis
+from kombu.exceptions import OperationalError
 
 from api_schemas.jobs import JobError, JobEvent, JobManifest, JobRequest, JobStatus
 from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_error
-from worker.celery_app import key_prefix, redis_url, redo_queue_name, shard_time_limits
+from worker.celery_app import key_prefix, redis_retry_s, redis_url, redo_queue_name, shard_time_limits
 from worker.plans import locate, make_plan
 from worker.shards import ensure_job_manifest
 
@@ -53,6 +66,11 @@ MAX_ERRORS = 100
 MAX_EVENTS = 100
 TASK = "reidgen.generate_shard"
 LIVE = ("queued", "running")
+# What a Redis restart raises (BusyLoadingError, "still loading", is a ConnectionError); the
+# broker's (kombu's) error when a task cannot be sent.
+TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+TRANSIENT_SEND = TRANSIENT + (OperationalError,)
+FIRST_PAUSE_S, MAX_PAUSE_S = 0.1, 2.0
 
 
 class UnknownJob(ReidgenError, LookupError):
@@ -67,6 +85,44 @@ class TooManyJobs(ReidgenError):
     retry_after = 60
 
 
+class JobStoreUnavailable(ReidgenError):
+    """Redis (the job records and the queue) stayed unreachable longer than the worker waits."""
+
+    code = "job_store_unavailable"
+
+    def __init__(self, retry_s: float, what: str):
+        public = (f"the job store (Redis) was unreachable for more than {retry_s:g} s while a worker "
+                  f"{what}; the shard was not finished (submit the job again: finished shards are kept)")
+        super().__init__(public, public=public)
+
+
+def retrying(call, what: str, retry_s: float, transient: tuple = TRANSIENT, sleep=time.sleep):
+    """``call()``, tried again on ``transient`` errors with a doubling pause (at most
+    `MAX_PAUSE_S`) until ``retry_s`` have passed; then `JobStoreUnavailable`. ``call`` must be
+    safe to repeat: a command whose reply was lost may have run."""
+    deadline = time.monotonic() + retry_s
+    pause = FIRST_PAUSE_S
+    failures = 0
+    while True:
+        try:
+            result = call()
+        except transient as exc:
+            failures += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("Redis unreachable for %g s while a worker %s; giving up: %s", retry_s, what, exc)
+                raise JobStoreUnavailable(retry_s, what) from exc
+            if failures == 1:
+                log.warning("Redis unreachable while a worker %s (%s: %s); retrying for up to %g s", what,
+                            type(exc).__name__, exc, retry_s)
+            sleep(min(pause, left))
+            pause = min(pause * 2, MAX_PAUSE_S)
+            continue
+        if failures:
+            log.info("Redis reachable again (a worker %s, after %d failed tries)", what, failures)
+        return result
+
+
 # Lua: the state changes are atomic across API processes and workers.
 _CREATE = """
 if redis.call('scard', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
@@ -76,12 +132,16 @@ redis.call('sadd', KEYS[2], ARGV[#ARGV])
 return 1
 """
 _CLAIM_NEXT = """
+local before = redis.call('hget', KEYS[2], ARGV[1])
+if before then return tonumber(before) end
 local s = redis.call('hget', KEYS[1], 'state')
 if s ~= 'queued' and s ~= 'running' then return -1 end
 local total = tonumber(redis.call('hget', KEYS[1], 'shards_total'))
 local n = tonumber(redis.call('hget', KEYS[1], 'dispatched') or '0')
 if n >= total then return -1 end
 redis.call('hset', KEYS[1], 'dispatched', n + 1)
+redis.call('hset', KEYS[2], ARGV[1], n)
+redis.call('expire', KEYS[2], ARGV[2])
 return n
 """
 _END = """
@@ -97,12 +157,55 @@ if redis.call('sismember', KEYS[3], ARGV[1]) == 1 then return 0 end
 redis.call('hincrby', KEYS[4], 'redone', 1)
 return 1
 """
+# A shard's figures, counted once (the done set decides), and the job's end when it was the
+# last: one script, so a repeat after a lost reply finds the index in the set and adds nothing.
+_FINISH = """
+if redis.call('sadd', KEYS[2], ARGV[1]) == 1 then
+  redis.call('hincrby', KEYS[1], 'records_done', ARGV[2])
+  redis.call('hincrby', KEYS[1], 'records_failed', ARGV[3])
+  redis.call('hset', KEYS[1], 'updated', ARGV[4])
+  redis.call('expire', KEYS[2], ARGV[5])
+end
+redis.call('hdel', KEYS[3], ARGV[1])
+redis.call('del', KEYS[4])
+local total = tonumber(redis.call('hget', KEYS[1], 'shards_total') or '0')
+if redis.call('scard', KEYS[2]) >= total then
+  local s = redis.call('hget', KEYS[1], 'state')
+  if s == 'queued' or s == 'running' then redis.call('hset', KEYS[1], 'state', 'done') end
+  redis.call('srem', KEYS[5], ARGV[6])
+end
+"""
+# Renew a lease; one that ran out (Redis was away longer than the lease) is set again while the
+# shard is still recorded as this worker's (no watchdog has queued it again): 1 renewed, 2 set
+# again, 0 lost (another run of the shard was queued).
+_RENEW = """
+if redis.call('pexpire', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('hget', KEYS[2], ARGV[2]) == ARGV[3] then
+  redis.call('set', KEYS[1], ARGV[3], 'px', ARGV[1])
+  return 2
+end
+return 0
+"""
+# An error, appended once (a repeat after a lost reply finds it last in the list).
+_ERROR = """
+if redis.call('lindex', KEYS[1], -1) ~= ARGV[1] then
+  redis.call('rpush', KEYS[1], ARGV[1])
+  redis.call('ltrim', KEYS[1], 0, ARGV[2] - 1)
+end
+redis.call('expire', KEYS[1], ARGV[3])
+"""
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis | None = None, prefix: str | None = None):
+    def __init__(self, client: redis.Redis | None = None, prefix: str | None = None,
+                 retry_s: float | None = None):
         self.r = client or redis.Redis.from_url(redis_url())
         self.prefix = key_prefix() if prefix is None else prefix
+        self.retry_s = redis_retry_s() if retry_s is None else retry_s
+        self._unreachable_since: float | None = None  # the cancellation checks' outage
+
+    def _retry(self, call, what: str):
+        return retrying(call, what, self.retry_s)
 
     def _key(self, job_id: str, part: str = "") -> str:
         return f"{self.prefix}job:{job_id}{':' + part if part else ''}"
@@ -135,25 +238,49 @@ class JobStore:
 
     def claim_next(self, job_id: str) -> int | None:
         """The next shard to queue, claimed (None when all are queued or the job has ended)."""
-        index = int(self.r.eval(_CLAIM_NEXT, 1, self._key(job_id)))
+        token = uuid.uuid4().hex  # a repeat of this claim (its reply lost) gets the same shard
+        index = int(self._retry(lambda: self.r.eval(_CLAIM_NEXT, 2, self._key(job_id), self._key(job_id, "claims"),
+                                                    token, JOB_TTL_S), "claimed the next shard"))
         return None if index < 0 else index
 
     def add_task(self, job_id: str, task_id: str) -> None:
         """Remember a queued task (bounded: revoking is a courtesy, tasks check the state anyway)."""
         key = self._key(job_id, "tasks")
-        self.r.rpush(key, task_id)
-        self.r.ltrim(key, -10_000, -1)
-        self.r.expire(key, JOB_TTL_S)
+
+        def add():
+            pipe = self.r.pipeline()
+            pipe.rpush(key, task_id)  # a repeat lists the id twice: revoking it twice is harmless
+            pipe.ltrim(key, -10_000, -1)
+            pipe.expire(key, JOB_TTL_S)
+            pipe.execute()
+        self._retry(add, "recorded a queued task")
 
     def task_ids(self, job_id: str) -> list[str]:
         return [t.decode() for t in self.r.lrange(self._key(job_id, "tasks"), 0, -1)]
 
-    def state(self, job_id: str) -> str | None:
+    def _state(self, job_id: str) -> str | None:
         value = self.r.hget(self._key(job_id), "state")
         return value.decode() if value is not None else None
 
+    def state(self, job_id: str) -> str | None:
+        return self._retry(lambda: self._state(job_id), "read a job's state")
+
     def cancelled(self, job_id: str) -> bool:
-        return self.state(job_id) == "cancelled"
+        """Whether the job was cancelled; polled between a shard's batches. Redis unreachable reads
+        as "not cancelled" (the shard goes on, the next batch asks again) until it has been so for
+        ``retry_s``: then `JobStoreUnavailable`."""
+        try:
+            state = self._state(job_id)
+        except TRANSIENT as exc:
+            now = time.monotonic()
+            if self._unreachable_since is None:
+                self._unreachable_since = now
+                log.warning("Redis unreachable at the cancellation check of job %s (%s); going on", job_id, exc)
+            if now - self._unreachable_since > self.retry_s:
+                raise JobStoreUnavailable(self.retry_s, "checked whether its job was cancelled") from exc
+            return False
+        self._unreachable_since = None
+        return state == "cancelled"
 
     def _end(self, job_id: str, state: str) -> None:
         self.r.eval(_END, 2, self._key(job_id), self._active, state, job_id)
@@ -161,39 +288,41 @@ class JobStore:
     # -- a running shard: its lease, renewed by its task's heartbeat -------------------------------
     def shard_started(self, job_id: str, index: int = 0, worker: str = "", lease_s: float = 30.0) -> None:
         key = self._key(job_id)
-        pipe = self.r.pipeline()
-        pipe.set(self._key(job_id, f"lease:{index}"), worker or "?", px=int(lease_s * 1000))
-        pipe.hset(self._key(job_id, "running"), index, worker or "?")
-        pipe.expire(self._key(job_id, "running"), JOB_TTL_S)
-        pipe.hsetnx(key, "started", time.time())
-        pipe.execute()
-        # queued → running, but never over a final state (a late redelivery after cancel/done).
-        self.r.eval("if redis.call('hget', KEYS[1], 'state') == 'queued' then "
-                    "redis.call('hset', KEYS[1], 'state', 'running') end", 1, key)
 
-    def renew(self, job_id: str, index: int, lease_s: float) -> None:
-        self.r.pexpire(self._key(job_id, f"lease:{index}"), int(lease_s * 1000))
+        def start():  # every step is safe to repeat
+            pipe = self.r.pipeline()
+            pipe.set(self._key(job_id, f"lease:{index}"), worker or "?", px=int(lease_s * 1000))
+            pipe.hset(self._key(job_id, "running"), index, worker or "?")
+            pipe.expire(self._key(job_id, "running"), JOB_TTL_S)
+            pipe.hsetnx(key, "started", time.time())
+            pipe.execute()
+            # queued → running, but never over a final state (a late redelivery after cancel/done).
+            self.r.eval("if redis.call('hget', KEYS[1], 'state') == 'queued' then "
+                        "redis.call('hset', KEYS[1], 'state', 'running') end", 1, key)
+        self._retry(start, "started a shard")
+
+    def renew(self, job_id: str, index: int, lease_s: float, worker: str = "") -> int:
+        """Renew the shard's lease (1), or set it again when it ran out while the shard is still
+        this worker's (2: Redis was away longer than the lease); 0: the shard was queued again."""
+        keys = (self._key(job_id, f"lease:{index}"), self._key(job_id, "running"))
+        return int(self._retry(lambda: self.r.eval(_RENEW, 2, *keys, int(lease_s * 1000), index, worker or "?"),
+                               "renewed a shard's lease"))
 
     def shard_released(self, job_id: str, index: int) -> None:
         """The shard's task ended without finishing it (failed, cancelled): no lease to watch."""
-        pipe = self.r.pipeline()
-        pipe.hdel(self._key(job_id, "running"), index)
-        pipe.delete(self._key(job_id, f"lease:{index}"))
-        pipe.execute()
+        def release():
+            pipe = self.r.pipeline()
+            pipe.hdel(self._key(job_id, "running"), index)
+            pipe.delete(self._key(job_id, f"lease:{index}"))
+            pipe.execute()
+        self._retry(release, "released a shard")
 
     def shard_finished(self, job_id: str, index: int, records: int, failed: int) -> None:
-        key = self._key(job_id)
-        if self.r.sadd(self._key(job_id, "done"), index):
-            pipe = self.r.pipeline()
-            pipe.hincrby(key, "records_done", records)
-            pipe.hincrby(key, "records_failed", failed)
-            pipe.hset(key, "updated", time.time())
-            pipe.expire(self._key(job_id, "done"), JOB_TTL_S)
-            pipe.execute()
-        self.shard_released(job_id, index)
-        total = int(self.r.hget(key, "shards_total") or 0)
-        if self.r.scard(self._key(job_id, "done")) >= total:
-            self._end(job_id, "done")
+        keys = (self._key(job_id), self._key(job_id, "done"), self._key(job_id, "running"),
+                self._key(job_id, f"lease:{index}"), self._active)
+        now = time.time()
+        self._retry(lambda: self.r.eval(_FINISH, len(keys), *keys, index, records, failed, now, JOB_TTL_S, job_id),
+                    "recorded a finished shard")
 
     def lost_shards(self) -> list[tuple[str, int, str]]:
         """(job, shard, worker) of running shards whose lease expired, each claimed for this caller
@@ -210,21 +339,25 @@ class JobStore:
 
     def event(self, job_id: str, event: JobEvent) -> None:
         key = self._key(job_id, "events")
-        self.r.rpush(key, event.model_dump_json())
-        self.r.ltrim(key, -MAX_EVENTS, -1)
-        self.r.expire(key, JOB_TTL_S)
+
+        def add():
+            pipe = self.r.pipeline()
+            pipe.rpush(key, event.model_dump_json())
+            pipe.ltrim(key, -MAX_EVENTS, -1)
+            pipe.expire(key, JOB_TTL_S)
+            pipe.execute()
+        self._retry(add, "recorded a job event")
 
     def error(self, job_id: str, error: JobError, fatal: bool = True) -> None:
         """Record ``error`` (written for the job's HTTP clients; the details belong in the worker log)."""
         bounded = error.model_copy(update={"message": error.message[:2000]})  # still JSON when cut
-        self.r.rpush(self._key(job_id, "errors"), bounded.model_dump_json())
-        self.r.ltrim(self._key(job_id, "errors"), 0, MAX_ERRORS - 1)
-        self.r.expire(self._key(job_id, "errors"), JOB_TTL_S)
+        self._retry(lambda: self.r.eval(_ERROR, 1, self._key(job_id, "errors"), bounded.model_dump_json(), MAX_ERRORS,
+                                        JOB_TTL_S), "recorded a job error")
         if fatal:
-            self._end(job_id, "failed")
+            self._retry(lambda: self._end(job_id, "failed"), "ended a job")
 
     def spec_and_out(self, job_id: str) -> tuple[str, str]:
-        spec, out = self.r.hmget(self._key(job_id), "spec", "out")
+        spec, out = self._retry(lambda: self.r.hmget(self._key(job_id), "spec", "out"), "read a job's spec")
         if spec is None:
             raise UnknownJob(f"no job {job_id!r}")
         return spec.decode(), out.decode()
@@ -277,8 +410,10 @@ def _error_line(error: JobError) -> str:
 def send_shard(app, job_id: str, spec_json: str, out: str, index: int, shard_size: int, store: JobStore,
                queue: str | None = None) -> str:
     soft, hard = shard_time_limits(shard_size)
-    result = app.send_task(TASK, args=(job_id, spec_json, out, index), soft_time_limit=soft, time_limit=hard,
-                           queue=queue)
+    # The broker is the same Redis: a repeat may queue the shard twice, and the duplicate is skipped.
+    result = retrying(lambda: app.send_task(TASK, args=(job_id, spec_json, out, index), soft_time_limit=soft,
+                                            time_limit=hard, queue=queue),
+                      "queued a shard", store.retry_s, TRANSIENT_SEND)
     store.add_task(job_id, result.id)
     return result.id
 
@@ -390,13 +525,37 @@ class Watchdog(threading.Thread):
         self.app, self.heartbeat_s, self.lease_s = app, heartbeat_s, lease_s
         self.store = store
         self.stopped = threading.Event()
+        self._redis_away = False
+        self._quiet_until = 0.0
+
+    def round(self, store: JobStore) -> list[tuple[str, int]]:
+        """One round. After Redis was away, none for one lease period: a lease may have run out
+        during the outage, and its live worker renews it (`Heartbeat`) before it counts as lost."""
+        try:
+            store.r.ping()
+        except TRANSIENT as exc:
+            if not self._redis_away:
+                log.warning("watchdog: Redis unreachable (%s); no shard is declared lost until it is back", exc)
+            self._redis_away = True
+            return []
+        now = time.monotonic()
+        if self._redis_away:
+            self._redis_away = False
+            self._quiet_until = now + self.lease_s
+            log.info("watchdog: Redis is back; waiting %g s for the running shards to renew their leases", self.lease_s)
+        if now < self._quiet_until:
+            return []
+        return redo_lost_shards(store, self.app, self.lease_s)
 
     def run(self) -> None:
         store = self.store or JobStore()
         while not self.stopped.wait(self.heartbeat_s):
             try:
-                redo_lost_shards(store, self.app, self.lease_s)
-            except Exception:  # noqa: BLE001 - Redis away for a moment: try again next round
+                self.round(store)
+            except TRANSIENT + (JobStoreUnavailable,):
+                self._redis_away = True  # gone mid-round: the next rounds wait for it as above
+                log.warning("watchdog round failed: Redis unreachable", exc_info=True)
+            except Exception:  # noqa: BLE001 - try again next round
                 log.exception("watchdog round failed")
 
     def stop(self) -> None:
@@ -406,18 +565,28 @@ class Watchdog(threading.Thread):
 class Heartbeat:
     """While a shard runs: renew its lease every ``heartbeat_s`` (a thread of the task's process)."""
 
-    def __init__(self, store: JobStore, job_id: str, index: int, heartbeat_s: float, lease_s: float):
-        self.store, self.job_id, self.index = store, job_id, index
+    def __init__(self, store: JobStore, job_id: str, index: int, heartbeat_s: float, lease_s: float,
+                 worker: str = ""):
+        self.store, self.job_id, self.index, self.worker = store, job_id, index, worker
         self.heartbeat_s, self.lease_s = heartbeat_s, lease_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="reidgen-heartbeat", daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            try:
-                self.store.renew(self.job_id, self.index, self.lease_s)
-            except Exception:  # noqa: BLE001 - a missed beat; the lease allows several
+            try:  # through a Redis outage: retried (`JobStore.renew`), the lease set again if it ran out
+                renewed = self.store.renew(self.job_id, self.index, self.lease_s, self.worker)
+            except Exception:  # noqa: BLE001 - a missed beat; the next one tries again
                 log.warning("heartbeat of shard %d of job %s failed", self.index, self.job_id, exc_info=True)
+                continue
+            if self._stop.is_set():  # the shard ended while this beat waited for Redis
+                return
+            if renewed == 2:
+                log.warning("shard %d of job %s: its lease ran out while Redis was away; set again", self.index,
+                            self.job_id)
+            elif renewed == 0:
+                log.warning("shard %d of job %s: its lease ran out and the shard was queued again; this run goes "
+                            "on (the first to finish keeps the shard)", self.index, self.job_id)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

@@ -15,7 +15,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from api_schemas.jobs import JobError, JobSpec
 from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_message
 from worker.celery_app import app
-from worker.jobs import LIVE, Heartbeat, JobStore, Watchdog, dispatch
+from worker.jobs import LIVE, Heartbeat, JobStore, JobStoreUnavailable, Watchdog, dispatch
 from worker.plans import locate
 from worker.run import Cancelled, generate_shard, load_runtime
 
@@ -60,6 +60,16 @@ def settings():
     return Settings.from_env()
 
 
+def _record_failure(jobs: JobStore, job_id: str, index: int, exc: BaseException) -> None:
+    """Release the shard and fail the job with ``exc``'s client line; when Redis is still away,
+    only the log says so (the shard's lease then runs out, and a watchdog queues it again)."""
+    try:
+        jobs.shard_released(job_id, index)
+        jobs.error(job_id, client_error(exc, index))
+    except JobStoreUnavailable:
+        log.error("shard %d of job %s: its failure could not be recorded (Redis unreachable)", index, job_id)
+
+
 @worker_ready.connect
 def _start_watchdog(sender=None, **_):
     """In the worker's main process: redo the shards of lost workers (`worker.jobs.Watchdog`)."""
@@ -86,7 +96,7 @@ def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int)
     spec = JobSpec.model_validate_json(spec_json)
     device = os.environ.get("REIDGEN_DEVICE", "auto")
     try:
-        with Heartbeat(jobs, job_id, index, config.heartbeat_s, config.lease_s):
+        with Heartbeat(jobs, job_id, index, config.heartbeat_s, config.lease_s, worker):
             located = locate(spec, out, config)  # this worker's roots: a name outside them fails the job
             runtime = load_runtime(spec, device, located)
             result = generate_shard(spec, index, out, runtime, located=located,
@@ -95,15 +105,14 @@ def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int)
         jobs.shard_released(job_id, index)
         return {"shard": index, "status": "cancelled"}
     except (ReidgenError, SoftTimeLimitExceeded) as exc:
-        # Bad input or an oversized shard: retrying cannot help; the job records why and stops.
+        # Bad input, an oversized shard, or Redis away past the worker's patience (a Redis outage
+        # shorter than that is waited out: `worker.jobs.retrying`): the job records why and stops.
         log.warning("shard %d of job %s failed: %s: %s", index, job_id, type(exc).__name__, exc)
-        jobs.shard_released(job_id, index)
-        jobs.error(job_id, client_error(exc, index))
+        _record_failure(jobs, job_id, index, exc)
         return {"shard": index, "status": "failed"}
     except Exception as exc:  # a bug or a device failure: logged with its traceback, then raised
         log.error("shard %d of job %s failed with an internal error", index, job_id, exc_info=exc)
-        jobs.shard_released(job_id, index)
-        jobs.error(job_id, client_error(exc, index))
+        _record_failure(jobs, job_id, index, exc)
         raise
     jobs.shard_finished(job_id, index, result.records, result.failed)
     dispatch(job_id, 1, jobs, app)  # the job's next shard takes this one's place in the queue
