@@ -137,11 +137,14 @@ class DGNetTrainConfig:
 # The paper preset is the reference code's training. The small preset keeps its routing and initial
 # weights but, measured on CPU (README, "DG-Net choices"): means over the loaders and G's adversarial
 # weight 1 (the reference's sums let D win within a CPU budget), L_id^c ramped in after G reconstructs,
-# and E_a started from the teacher so the appearance code means something from the first step.
+# E_a started from the teacher so the appearance code means something from the first step, and one lr
+# drop at 90 % (a run of 1-2K iterations is far from converged at 60 %: identity consistency 0.044 with
+# the reference's drop at 60 %, 0.082 without it, bench/results/dgnet_cpu_run*.json).
 DGNET_TRAIN_PRESETS = {
     "paper": DGNetTrainConfig(model=DGNET_PRESETS["paper"], iterations=100_000, batch_size=8),
     "small": DGNetTrainConfig(model=DGNET_PRESETS["small"], iterations=2000, batch_size=8, ramp_id_cross=True,
-                              sum_over_loaders=False, weights=LossWeights(adv=1.0), ea_from_teacher=True),
+                              sum_over_loaders=False, weights=LossWeights(adv=1.0), ea_from_teacher=True,
+                              milestones=(0.9,)),
 }
 
 
