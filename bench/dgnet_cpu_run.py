@@ -60,6 +60,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=500, help="images per quality measurement (FID is biased at small n)")
     ap.add_argument("--data", help="query/gallery data set (default: the run's training data)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--control", metavar="RUN",
+                    help="the teacher trained further on real images alone for as many images as the DG-Net run "
+                         "saw (reidgen train-reid --init TEACHER ...): separates the generated images' share of "
+                         "E_a's gain from the extra training")
     ap.add_argument("--results", default="dgnet_cpu_run",
                     help="name of the JSON under bench/results/ (another name keeps an earlier run's figures)")
     args = ap.parse_args()
@@ -85,7 +89,8 @@ def main() -> int:
         print(name, json.dumps(blocks[name]), flush=True)
 
     reid = {}
-    for name, checkpoint in (("teacher", teacher), ("dgnet", run)):
+    compared = [("teacher", teacher), ("dgnet", run)] + ([("control", args.control)] if args.control else [])
+    for name, checkpoint in compared:
         r = reid_report(checkpoint, data, args.device)
         reid[name] = {"rank1": r.rank1, "mAP": r.mAP, "rank5": r.rank5, "rank10": r.rank10, "mINP": r.mINP}
         print(name, reid[name], flush=True)
@@ -98,10 +103,12 @@ def main() -> int:
         "reconstruction_ssim>=0.5": final_q["reconstruction_ssim"] >= 0.5,
         "dgnet_mAP>=teacher_mAP": reid["dgnet"]["mAP"] >= reid["teacher"]["mAP"],
     }
+    if args.control:
+        targets["dgnet_mAP>=control_mAP"] = reid["dgnet"]["mAP"] >= reid["control"]["mAP"]
     write_results(args.results, {
         "device": args.device, "run": str(run), "data": str(data), "teacher": str(teacher),
         "iterations": final["step"], "train_config": final["train_config"], "train_hours": round(hours, 3),
-        "quality_n": args.n, **blocks, "reid": reid, "targets_met": targets,
+        "quality_n": args.n, **blocks, "reid": reid, "control": args.control, "targets_met": targets,
     })
     for target, met in targets.items():
         print(f"{target}: {'met' if met else 'MISSED'}")
