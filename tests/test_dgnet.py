@@ -119,9 +119,11 @@ def test_a_run_starts_from_an_export_and_refuses_to_resume_from_it(dg_run, data2
 
     export = export_inference(dg_run / "checkpoints" / "last.pt", tmp_path / "export.pt")
     source, _ = DGNet.from_checkpoint(export)
-    # The preset's own model (another backbone) is replaced by the file's configuration.
-    trainer = DGNetTrainer(dg_config(data20, teacher, backbone="efficientnet_lite0", init_from=str(export)),
-                           tmp_path / "run", progress=False)
+    # The preset's own model (another backbone) is replaced by the file's configuration, and no
+    # backbone weights are looked for: the file supplies them.
+    cfg = dg_config(data20, teacher, backbone="efficientnet_lite0", pretrained=str(tmp_path / "absent.pth"),
+                    init_from=str(export))
+    trainer = DGNetTrainer(cfg, tmp_path / "run", progress=False)
     assert trainer.cfg.model == source.cfg and not trainer.cfg.ea_from_teacher
     started = trainer.net.state_dict()
     for key, value in source.state_dict().items():  # E_a, E_s, G from the file; D (not in it) initialised

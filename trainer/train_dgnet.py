@@ -241,7 +241,9 @@ class DGNetTrainer:
         self.teacher = Teacher(cfg.teacher, self.label_map, self.device)
 
         torch.manual_seed(cfg.seed)
-        self.net = DGNet(cfg.model, len(self.label_map), pretrained="none" if ckpt else cfg.pretrained)
+        # No backbone weights to fetch when a file supplies every weight (ImageNet ResNet-50 may not be on disk).
+        from_file = ckpt is not None or start is not None
+        self.net = DGNet(cfg.model, len(self.label_map), pretrained="none" if from_file else cfg.pretrained)
         if ckpt is None:
             self._initialise()
         if start is not None:
