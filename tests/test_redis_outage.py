@@ -204,3 +204,31 @@ def test_watchdog_waits_one_lease_after_redis_comes_back(broker, flaky_store):
     time.sleep(0.25)
     watchdog.round(store)
     assert not watchdog._redis_away and watchdog._quiet_until > time.monotonic() + 0.3
+
+
+def test_the_api_answers_503_within_seconds_while_redis_is_down(broker, market_mini, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from generator_service.app import Settings, create_app
+    from generator_service.engine import Engine, ServedModel
+    from worker.jobs import API_STORE_RETRY_S, CeleryJobs
+
+    outage = Outage()
+    jobs = CeleryJobs(JobStore(Flaky(broker["client"], outage), broker["prefix"], retry_s=API_STORE_RETRY_S),
+                      FakeApp())
+    settings = Settings(models_root=tmp_path, data_root=market_mini.parent, shards_root=tmp_path)
+    stand_in = ServedModel(name="stand-in", kind="dgnet", checkpoint="stand-in.pt", identity="0", step=None,
+                           preset=None, image_size=(128, 64), net=None)
+    client = TestClient(create_app(Engine([stand_in], "cpu"), settings, jobs=jobs), raise_server_exceptions=False)
+    outage.start(60)
+    spec = {"kind": "dgnet_random_structures", "checkpoint": "dgnet", "data": market_mini.name, "subset": 4,
+            "structures_per_image": 1, "shard_size": 64}
+    for method, path, body in (("GET", "/v1/jobs/" + "0" * 32, None),
+                               ("POST", "/v1/jobs", {"spec": spec, "out": "outage"})):
+        start = time.monotonic()
+        response = client.request(method, path, json=body)
+        waited = time.monotonic() - start
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "job_store_unavailable"
+        assert response.headers["Retry-After"] == "5"
+        assert waited < API_STORE_RETRY_S + 2  # not the workers' 60 s

@@ -86,13 +86,16 @@ class TooManyJobs(ReidgenError):
 
 
 class JobStoreUnavailable(ReidgenError):
-    """Redis (the job records and the queue) stayed unreachable longer than the worker waits."""
+    """Redis (the job records and the queue) stayed unreachable longer than the caller waits: a
+    worker's shard fails with it, an HTTP request gets 503."""
 
     code = "job_store_unavailable"
+    http_status = 503
+    retry_after = 5
 
     def __init__(self, retry_s: float, what: str):
-        public = (f"the job store (Redis) was unreachable for more than {retry_s:g} s while a worker "
-                  f"{what}; the shard was not finished (submit the job again: finished shards are kept)")
+        public = (f"the job store (Redis) was unreachable for more than {retry_s:g} s (when it {what}); try "
+                  "again later: a job's finished shards are kept")
         super().__init__(public, public=public)
 
 
@@ -110,10 +113,10 @@ def retrying(call, what: str, retry_s: float, transient: tuple = TRANSIENT, slee
             failures += 1
             left = deadline - time.monotonic()
             if left <= 0:
-                log.error("Redis unreachable for %g s while a worker %s; giving up: %s", retry_s, what, exc)
+                log.error("Redis unreachable for %g s when the job store %s; giving up: %s", retry_s, what, exc)
                 raise JobStoreUnavailable(retry_s, what) from exc
             if failures == 1:
-                log.warning("Redis unreachable while a worker %s (%s: %s); retrying for up to %g s", what,
+                log.warning("Redis unreachable when the job store %s (%s: %s); retrying for up to %g s", what,
                             type(exc).__name__, exc, retry_s)
             sleep(min(pause, left))
             pause = min(pause * 2, MAX_PAUSE_S)
@@ -597,22 +600,40 @@ class Heartbeat:
         self._thread.join(5)
 
 
+# An HTTP request waits this long for an unreachable Redis before its 503 (workers wait much longer).
+API_STORE_RETRY_S = 2.0
+
+
 class CeleryJobs:
     """The service's ``/v1/jobs`` backend (`generator_service.app.JobsBackend`)."""
 
     def __init__(self, store: JobStore | None = None, app=None):
-        self.store, self.app = store or JobStore(), app
+        self.store, self.app = store or JobStore(retry_s=API_STORE_RETRY_S), app
+
+    @staticmethod
+    def _answer(call, what: str, repeatable: bool = True):
+        """A request's use of Redis: an outage becomes `JobStoreUnavailable` (HTTP 503) within
+        `API_STORE_RETRY_S`, not a 500. Only calls that can be repeated whole are retried."""
+        if repeatable:
+            return retrying(call, what, API_STORE_RETRY_S)
+        try:
+            return call()
+        except TRANSIENT as exc:
+            raise JobStoreUnavailable(API_STORE_RETRY_S, what) from exc
 
     def submit(self, request: JobRequest, settings=None) -> str:
-        return submit_job(request, self.store, self.app, settings)
+        # Its writes retry inside the store (with this store's short bound); the whole is not repeated.
+        return self._answer(lambda: submit_job(request, self.store, self.app, settings), "took a job",
+                            repeatable=False)
 
     def full(self, settings) -> bool:
         """As many jobs queued or running as ``settings`` allows (checked before a body is read)."""
-        return len(self.store.active_jobs()) >= settings.max_active_jobs
+        return self._answer(lambda: len(self.store.active_jobs()) >= settings.max_active_jobs,
+                            "counted the active jobs")
 
     def status(self, job_id: str) -> JobStatus:
-        return self.store.status(job_id)
+        return self._answer(lambda: self.store.status(job_id), "read a job")
 
     def cancel(self, job_id: str) -> JobStatus:
-        cancel_job(job_id, self.store, self.app)
-        return self.store.status(job_id)
+        self._answer(lambda: cancel_job(job_id, self.store, self.app), "cancelled a job", repeatable=False)
+        return self.status(job_id)
