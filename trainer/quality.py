@@ -489,15 +489,20 @@ DESCRIPTIONS = {
 }
 
 
+def shown_value(report: dict, key: str) -> str:
+    """A figure as the quality tables print it: KID with 5 decimals and its spread, the rest with 4."""
+    value = report[key]
+    shown = f"{value:.5f}" if key.startswith("kid") else f"{value:.4f}"
+    if key == "kid":
+        shown += f" ± {report['kid_std']:.5f}"
+    return shown
+
+
 def format_quality_table(report: dict) -> str:
     """One metric a line with what it means, under a header naming the checkpoint and the data."""
     lines = [f"generation quality of {report['checkpoint']} (step {report['step']}) on the training split of "
              f"{report['data']}, n = {report['n']}, seed {report['seed']}"]
     for key, meaning in DESCRIPTIONS.items():
-        value = report[key]
-        shown = f"{value:.5f}" if key.startswith("kid") else f"{value:.4f}"
-        if key == "kid":
-            shown += f" ± {report['kid_std']:.5f}"
-        lines.append(f"  {key:<26} {shown:<20} {meaning}")
+        lines.append(f"  {key:<26} {shown_value(report, key):<20} {meaning}")
     lines.append(f"note: {report['fid_note']}")
     return "\n".join(lines)

@@ -50,6 +50,7 @@ from trainer.quality import (
     evaluation_mode,
     identity_share,
     run_folder,
+    shown_value,
     teacher_predictions,
     to_uint8,
 )
@@ -493,9 +494,7 @@ def format_crgan_quality_table(report: dict) -> str:
             why = "needs --lpips-weights" if "lpips" in key else "D_id knows only training identities"
             lines.append(f"  {key:<26} {'-':<20} {meaning} ({why})")
             continue
-        shown = f"{value:.5f}" if key.startswith("kid") else f"{value:.4f}"
-        if key == "kid":
-            shown += f" ± {report['kid_std']:.5f}"
+        shown = shown_value(report, key)
         if key == "own_target_match":
             shown += f" (chance {report['own_target_match_chance']:.3f})"
         lines.append(f"  {key:<26} {shown:<20} {meaning}")
