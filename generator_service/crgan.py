@@ -24,6 +24,8 @@ class ContextRenderer:
         load_state(self.generator, ckpt["models"]["gen"], f"checkpoint {checkpoint}")
         self.generator.to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
+        # A generator trained on binary person masks (train-crgan --binary-masks) is fed binary ones.
+        self.binary_masks = bool((self.train_config or {}).get("binary_masks", False))
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -33,6 +35,8 @@ class ContextRenderer:
     def render(self, source: torch.Tensor, target: torch.Tensor,
                target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(X_G, X_C) for normalised B×3×H×W source/target images and B×1×H×W target person masks."""
+        if self.binary_masks:
+            target_mask = (target_mask >= 0.5).to(target_mask.dtype)
         masked = mask_person(target, target_mask) if self.config.dual_condition else None
         rendered, _, context_mask = self.generator(source, masked)
         return rendered, context_mask

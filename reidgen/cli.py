@@ -173,7 +173,7 @@ def cmd_train_crgan(args: argparse.Namespace) -> int:
             raise ReidgenError("--source, --target and --id-model are required (the identity model comes from "
                                "reidgen train-reid on the source)")
         fields = ["masks", "mask_model", "mask_cache", "iterations", "batch_size", "lr", "cam_epochs",
-                  "dual_condition", "seed", "workers", "device", "amp", "checkpoint_every", "keep_checkpoints",
+                  "dual_condition", "con_loss", "binary_masks", "seed", "workers", "device", "amp", "checkpoint_every", "keep_checkpoints",
                   "grid_every", "max_steps"]
         cfg = crgan_preset_config(args.preset, source=str(resolve_data(args.source)),
                                   target=str(resolve_data(args.target)), id_model=args.id_model,
@@ -654,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cam-epochs", type=int, help="epochs of D_cam pre-training")
     g.add_argument("--no-dual-condition", dest="dual_condition", action="store_false", default=None,
                    help="the paper's 'w/o dual condition' ablation: the generator sees only the source")
+    g.add_argument("--con-loss", choices=["mean_square", "l2", "rms"],
+                   help="form of the context loss L_con: mean_square (mean of the masked squared errors over all "
+                        "pixels), l2 (the paper's Eq. 6 literally: Euclidean norms of the masked differences per "
+                        "image), rms (those norms / sqrt(C·H·W))")
+    g.add_argument("--binary-masks", action="store_true", default=None,
+                   help="threshold the person masks at 0.5 (the paper's binary parsing masks) instead of soft masks")
     _add_gan_run_options(g)
     p.set_defaults(func=cmd_train_crgan)
 

@@ -22,7 +22,7 @@ from generator_service.crgan_nets import (
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
 from trainer.runlog import read_jsonl
-from trainer.train_crgan import CRGANTrainer, crgan_preset_config, train_crgan
+from trainer.train_crgan import CRGANTrainer, context_loss, crgan_preset_config, train_crgan
 from trainer.train_reid import preset_config, train_reid
 
 
@@ -142,3 +142,44 @@ def test_render_grid_command(crgan_run, domains, id_model, tmp_path, capsys):
     assert np.ptp(mask_cell, axis=2).max() <= 2  # the context mask is drawn in grey
     assert main(args[:2] + [str(id_model)] + args[3:]) == 2
     assert "CR-GAN checkpoint is needed" in capsys.readouterr().err
+
+
+def test_context_loss_forms():
+    torch.manual_seed(0)
+    source, target = torch.randn(2, 3, 16, 8), torch.randn(2, 3, 16, 8)
+    mask = (torch.rand(2, 1, 16, 8) > 0.5).float()
+    perfect = source * mask + target * (1 - mask)  # the source on its person, the target elsewhere
+    for form in ("mean_square", "l2", "rms"):
+        assert context_loss(perfect, source, target, mask, form).item() == pytest.approx(0, abs=1e-3)
+    rendered = torch.randn(2, 3, 16, 8)
+    fg, bg = (rendered - source) * mask, (rendered - target) * (1 - mask)
+    assert context_loss(rendered, source, target, mask).item() == pytest.approx(
+        (fg.square().mean() + bg.square().mean()).item(), rel=1e-5)
+    paper = (fg.flatten(1).norm(dim=1) + bg.flatten(1).norm(dim=1)).mean()  # Eq. 6 per image
+    assert context_loss(rendered, source, target, mask, "l2").item() == pytest.approx(paper.item(), rel=1e-5)
+    assert context_loss(rendered, source, target, mask, "rms").item() == pytest.approx(
+        paper.item() / (3 * 16 * 8) ** 0.5, rel=1e-5)
+    # the paper's norm keeps its gradient's size as the error shrinks; the mean of squares does not
+    near = (perfect + 1e-2 * torch.randn_like(perfect)).requires_grad_(True)
+    context_loss(near, source, target, mask, "rms").backward()
+    rms_grad = near.grad.norm().item()
+    near.grad = None
+    context_loss(near, source, target, mask, "mean_square").backward()
+    assert rms_grad > 10 * near.grad.norm().item()
+    with pytest.raises(ReidgenError, match="choose one of"):
+        context_loss(rendered, source, target, mask, "l1")
+
+
+def test_binary_masks_and_paper_context_loss_train_and_render(crgan_run, domains, id_model, tmp_path):
+    cfg = small_cfg(domains, id_model, iterations=3, con_loss="l2", binary_masks=True,
+                    mask_cache=str(crgan_run / "masks"))  # the masks of the first run, not computed again
+    train_crgan(cfg, tmp_path, progress=False)
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "l_con" in r]
+    assert len(steps) == 3 and steps[0]["l_con"] > 10  # a norm over 3·128·64 values, not a mean
+    renderer = ContextRenderer(tmp_path / "checkpoints" / "last.pt")
+    assert renderer.binary_masks and not ContextRenderer(crgan_run / "checkpoints" / "last.pt").binary_masks
+    x = torch.randn(2, 3, 128, 64)
+    soft, hard = torch.full((2, 1, 128, 64), 0.6), torch.ones(2, 1, 128, 64)
+    assert torch.equal(renderer.render(x, x.flip(0), soft)[0], renderer.render(x, x.flip(0), hard)[0])
+    with pytest.raises(ReidgenError, match="--con-loss"):
+        CRGANTrainer(small_cfg(domains, id_model, con_loss="l1"), tmp_path / "bad", progress=False)

@@ -27,9 +27,11 @@ from trainer.quality_crgan import (
     LPIPS,
     alexnet_features,
     checkpoint_kind,
+    cross_source_pairs,
     measure_groups,
     pairwise_feature_distance,
     pairwise_lpips,
+    set_feature_distance,
     spread_identities,
 )
 
@@ -154,6 +156,32 @@ def test_lpips_refuses_a_file_that_is_not_alexnet(tmp_path):
 # -- the command, on a real checkpoint file ----------------------------------------------------------
 
 
+def test_cross_source_pairs_pair_each_rendering_with_another_source():
+    first, second = cross_source_pairs(5, 3, seed=0)
+    assert first.tolist() == list(range(15)) and len(second) == 15
+    assert all(a // 3 != b // 3 for a, b in zip(first.tolist(), second.tolist()))
+    assert torch.equal(second, cross_source_pairs(5, 3, seed=0)[1])  # seeded
+    assert not torch.equal(second, cross_source_pairs(5, 3, seed=1)[1])
+    with pytest.raises(ReidgenError, match="at least 2 sources"):
+        cross_source_pairs(1, 3)
+
+
+def test_set_diversity_tells_one_texture_from_following_the_targets(pairs):
+    """Across the targets of a source, one texture for all scores 0 by construction; over random
+    pairs of different sources it does not, and following each target scores higher still."""
+    xs, soft, xt, texture = pairs
+    mask = torch.from_numpy(binarize(soft.numpy())).float()
+    follow, same = _paste(xs, mask, xt), _paste(xs, mask, texture.expand_as(xt))
+    as_features = lambda images: images.flatten(2)  # pixels as the features: S×k×d
+    set_pairs = cross_source_pairs(len(xs), K, seed=0)
+    assert pairwise_feature_distance(as_features(same)).abs().max() == 0
+    same_set = set_feature_distance(as_features(same), set_pairs)
+    follow_set = set_feature_distance(as_features(follow), set_pairs)
+    assert same_set > 10 and follow_set > 1.2 * same_set
+    # the same pairs of the real targets: what renderings that copy them would score
+    assert set_feature_distance(as_features(xt), set_pairs) > 1.2 * same_set
+
+
 @pytest.fixture(scope="module")
 def keep_source_run(market_mini, tmp_path_factory):
     """A CR-GAN checkpoint whose generator keeps the source (context mask ≈ 0 everywhere), and a
@@ -192,6 +220,9 @@ def test_quality_command_on_a_crgan_checkpoint(keep_source_run, cuhk_mini, capsy
     assert report["own_target_match"] == pytest.approx(1 / 3)
     assert report["spread_l1"] == pytest.approx(0, abs=1e-5) and report["spread_l1_targets"] > 0.2
     assert report["diversity_inception"] == pytest.approx(0, abs=1e-3) and report["diversity_inception_real"] > 1
+    # over pairs of different sources the renderings still differ: the sources do
+    assert report["diversity_inception_set"] > 1 and report["diversity_inception_set_real"] > 1
+    assert report["diversity_lpips_set"] is None
     assert report["foreground_l1"] == pytest.approx(0, abs=1e-5) and report["context_mask_background"] < 1e-6
     assert report["background_l1_source"] == pytest.approx(0, abs=1e-5) and report["background_l1_own"] > 0.2
     # D_id sees the sources themselves: identity preserved exactly as often as on the real images

@@ -12,6 +12,11 @@ the generator never saw in training), so n = S·k renderings, and measures:
   the Euclidean distance of their Inception-v3 pool features (the FID weights, offline), beside the
   same for the k targets themselves; LPIPS (AlexNet) too when an AlexNet weights file is given
   (`LPIPS`, nothing downloads).
+- **diversity over the set** (the pairs the paper's figure needs, whose "w/o dual condition"
+  LPIPS is 0.196, not 0): the same distances over random pairs of renderings of *different*
+  sources, one partner per rendering (seeded), beside the same pairs of their targets. Across
+  targets, a generator that ignores the target scores 0 by construction; over the set it still
+  scores how much its renderings of different persons differ, so the two models can be compared.
 - **identity preservation**: D_id's top-1 on the rendering is the source's identity (beside D_id's
   top-1 on the real sources: its ceiling). Sources therefore come from the source's training split,
   the identities D_id knows; the targets are the held-out half of the pairs.
@@ -101,6 +106,24 @@ def pairwise_feature_distance(features: torch.Tensor) -> torch.Tensor:
     distances = torch.cdist(features.double(), features.double())
     first, second = _pairs(features.shape[1])
     return distances[:, first, second].mean(1)
+
+
+def cross_source_pairs(sources: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random pairs over the S·k renderings (flat index i·k + j), one partner per rendering, the
+    partner a rendering of another source (uniform over them): the pair set of the set diversity."""
+    if sources < 2:
+        raise ReidgenError("diversity over the set needs at least 2 sources")
+    g = torch.Generator().manual_seed(seed)
+    first = torch.arange(sources * k)
+    other_source = (first // k + torch.randint(1, sources, (sources * k,), generator=g)) % sources
+    return first, other_source * k + torch.randint(0, k, (sources * k,), generator=g)
+
+
+def set_feature_distance(features: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """S×k×d features → mean Euclidean distance over the given pairs of flat indices."""
+    flat = features.flatten(0, 1).double()
+    first, second = pairs
+    return float((flat[first] - flat[second]).norm(dim=1).mean())
 
 
 def pairwise_masked_l1(images: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -389,6 +412,7 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
     parts, features, target_features = [], [], []
     source_top1, render_top1, labels_seen = [], [], []
     lpips_renderings, lpips_targets = [], []
+    kept_renderings, kept_targets = [], []  # for LPIPS over the set's pairs
     per_batch = max(1, batch_size // k)
     bar = dict(unit="batch", dynamic_ncols=True, disable=not progress, leave=False)
     batches = [list(range(i, min(i + per_batch, count))) for i in range(0, count, per_batch)]
@@ -421,6 +445,8 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
             if lpips is not None:
                 lpips_renderings.append(pairwise_lpips(lpips, rendered).cpu())
                 lpips_targets.append(pairwise_lpips(lpips, xt).cpu())
+                kept_renderings.append(rendered.cpu())
+                kept_targets.append(xt.float().cpu())
         if not parts:
             raise ReidgenError("no readable source/target images to render")
         generated = inception.compute()
@@ -432,11 +458,24 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
         floor_figures = inception.compute()
 
     measured = GroupMeasures.join(parts)
+    rendering_features, real_features = torch.cat(features), torch.cat(target_features)
+    pairs = cross_source_pairs(len(rendering_features), k, seed)
+    set_lpips = set_lpips_real = None
+    if lpips is not None:
+        flat_r, flat_t = torch.cat(kept_renderings).flatten(0, 1), torch.cat(kept_targets).flatten(0, 1)
+        set_lpips, set_lpips_real = (float(torch.cat([
+            lpips(denormalize(flat[a].to(dev)), denormalize(flat[b].to(dev))).cpu()
+            for a, b in ((pairs[0][i:i + batch_size], pairs[1][i:i + batch_size])
+                         for i in range(0, len(pairs[0]), batch_size))]).mean())
+            for flat in (flat_r, flat_t))
     return {
         **measured.summary(),
         "own_target_match_chance": 1 / k,
         "diversity_inception": float(pairwise_feature_distance(torch.cat(features)).mean()),
         "diversity_inception_real": float(pairwise_feature_distance(torch.cat(target_features)).mean()),
+        "diversity_inception_set": set_feature_distance(rendering_features, pairs),
+        "diversity_inception_set_real": set_feature_distance(real_features, pairs),
+        "diversity_lpips_set": set_lpips, "diversity_lpips_set_real": set_lpips_real,
         "diversity_lpips": float(torch.cat(lpips_renderings).mean()) if lpips is not None else None,
         "diversity_lpips_real": float(torch.cat(lpips_targets).mean()) if lpips is not None else None,
         "identity_preservation": identity_share(torch.cat(render_top1), torch.cat(labels_seen)[:, None])
@@ -465,6 +504,11 @@ DESCRIPTIONS = {
     "diversity_inception_real": "the same between their k real targets",
     "diversity_lpips": "mean LPIPS (AlexNet) between the k renderings of a source",
     "diversity_lpips_real": "the same between their k real targets",
+    "diversity_inception_set": "mean Inception distance over random pairs of renderings of different sources "
+                               "(one partner each; not 0 without the dual condition)",
+    "diversity_inception_set_real": "the same pairs of their real targets",
+    "diversity_lpips_set": "mean LPIPS over the same pairs of renderings of different sources",
+    "diversity_lpips_set_real": "the same pairs of their real targets",
     "identity_preservation": "share of renderings D_id gives the source's identity (higher = better)",
     "identity_real": "D_id's top-1 accuracy on the real sources: the ceiling",
     "fid": "Inception FID, renderings vs their real targets (lower = more like the target domain)",

@@ -4,8 +4,12 @@
         D_cam = a five-layer CNN pre-trained here on the target's camera labels.
     II. Alternate D_d (LSGAN: target images real, renderings fake) and G with
         λ_adv·L_adv + λ_id·L_id + λ_cam·L_cam + λ_con·L_con   (2, 1, 1, 5)
-        L_con = mean((X_G − X_S)² ∘ M_F) + mean((X_G − X_T)² ∘ M_B), M_F/M_B the source person's
-        foreground/background masks. Adam, lr constant for the first half then linear to 0; G is
+        L_con (``con_loss``): ``mean_square`` = mean((X_G − X_S)² ∘ M_F) + mean((X_G − X_T)² ∘ M_B)
+        over all pixels; ``l2`` = the paper's Eq. 6 literally, ‖(X_G − X_S) ∘ M_F‖₂ + ‖(X_G − X_T) ∘ M_B‖₂
+        per image (mean over the batch); ``rms`` = those norms divided by √(C·H·W), the root mean
+        square, in the value range of the other losses. M_F/M_B: the source person's foreground/
+        background masks, soft or (``binary_masks``, the paper's binary parsing masks) thresholded
+        at 0.5, the target's mask M_T likewise. Adam, lr constant for the first half then linear to 0; G is
         updated twice per iteration in the second half.
 
 Run folder: config.json, metrics.jsonl, metrics.png, checkpoints/, grids/ (rows: source,
@@ -63,6 +67,8 @@ class CRGANTrainConfig:
     lambda_id: float = 1.0
     lambda_cam: float = 1.0
     lambda_con: float = 5.0
+    con_loss: str = "mean_square"     # mean_square | l2 (paper Eq. 6, literal) | rms (l2 / sqrt(C·H·W))
+    binary_masks: bool = False        # threshold the person masks at 0.5 (the paper's binary masks)
     cam_epochs: int = 3               # D_cam pre-training on the target's camera labels
     cam_lr: float = 1e-3
     seed: int = 0
@@ -86,6 +92,39 @@ def crgan_preset_config(name: str, **overrides) -> CRGANTrainConfig:
     return from_preset(CRGAN_TRAIN_PRESETS, name, **overrides)
 
 
+CON_LOSSES = ("mean_square", "l2", "rms")
+
+
+def context_loss(rendered: torch.Tensor, source: torch.Tensor, target: torch.Tensor, source_mask: torch.Tensor,
+                 form: str = "mean_square") -> torch.Tensor:
+    """L_con: keep the source on its person (M_F = source_mask), take the target off it (M_B = 1 − M_F).
+
+    ``mean_square``: mean of the masked squared errors over all pixels of the batch (each term is
+    scaled by its region's share of the image). ``l2``: the paper's Eq. 6, the Euclidean norm of
+    each masked difference image, summed over the two terms and averaged over the batch (its
+    gradient keeps its size as the error shrinks; its value grows with √(C·H·W)). ``rms``: ``l2``
+    divided by √(C·H·W), the same direction in the value range of the other losses.
+    """
+    if form not in CON_LOSSES:
+        raise ReidgenError(f"con_loss {form!r}: choose one of {', '.join(CON_LOSSES)}")
+    rendered, source, target, fg = rendered.float(), source.float(), target.float(), source_mask.float()
+    if form == "mean_square":
+        return ((rendered - source) ** 2 * fg).mean() + ((rendered - target) ** 2 * (1 - fg)).mean()
+
+    def norm(diff: torch.Tensor) -> torch.Tensor:  # eps: a finite gradient where the error is 0
+        return (diff.flatten(1).square().sum(1) + 1e-8).sqrt()
+
+    per_image = norm((rendered - source) * fg) + norm((rendered - target) * (1 - fg))
+    if form == "rms":
+        per_image = per_image / rendered[0].numel() ** 0.5
+    return per_image.mean()
+
+
+def binarize(mask: torch.Tensor) -> torch.Tensor:
+    """A soft person mask thresholded at 0.5 (1 = person)."""
+    return (mask >= 0.5).to(mask.dtype)
+
+
 def load_id_model(path: str, label_map: LabelMap, device: torch.device) -> ReidNet:
     """D_id: the source re-id model, frozen, with the source's class order."""
     ckpt = load_checkpoint(path, "reid")
@@ -104,6 +143,8 @@ class CRGANTrainer:
         assert cfg is not None
         if not cfg.id_model:
             raise ReidgenError("--id-model is required: a baseline re-id model trained on the source (train-reid)")
+        if cfg.con_loss not in CON_LOSSES:
+            raise ReidgenError(f"--con-loss {cfg.con_loss!r}: choose one of {', '.join(CON_LOSSES)}")
         self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.device = pick_device(cfg.device)
         size = cfg.model.image_size
@@ -183,6 +224,8 @@ class CRGANTrainer:
         dev = self.device
         xs, ms, ys = xs[ok_s][:n].to(dev), ms[ok_s][:n].to(dev), ys[ok_s][:n].to(dev)
         xt, mt, ct = xt[ok_t][:n].to(dev), mt[ok_t][:n].to(dev), ct[ok_t][:n].to(dev)
+        if cfg.binary_masks:
+            ms, mt = binarize(ms), binarize(mt)
         xt_masked = mask_person(xt, mt)
 
         with autocast(dev, cfg.amp):
@@ -202,7 +245,7 @@ class CRGANTrainer:
                 l_adv = lsgan_g_loss([self.dis(xg)])
                 l_cam = F.cross_entropy(self.d_cam(xg).float(), ct)
                 l_id = F.cross_entropy(self.d_id(xg)[0].float(), ys)
-                l_con = ((xg - xs) ** 2 * ms).mean() + ((xg - xt) ** 2 * (1 - ms)).mean()
+                l_con = context_loss(xg, xs, xt, ms, cfg.con_loss)
                 total = (cfg.lambda_adv * l_adv + cfg.lambda_id * l_id + cfg.lambda_cam * l_cam
                          + cfg.lambda_con * l_con)
             self.opt_g.zero_grad(set_to_none=True)
