@@ -150,7 +150,8 @@ def cmd_train_dgnet(args: argparse.Namespace) -> int:
         if not args.data or not args.teacher:
             raise ReidgenError("--data and --teacher are required (the teacher comes from reidgen train-reid)")
         fields = ["backbone", "pretrained", "iterations", "batch_size", "lr_ea", "lr_gen", "feed", "feed_start",
-                  "ramp", "ramp_code_loss", "ramp_id_cross", "detach_appearance_code", "cycle_max", "adv", "seed", "workers",
+                  "ramp", "ramp_code_loss", "ramp_id_cross", "detach_appearance_code", "cycle_max", "adv", "id_cross", "seed",
+                  "workers",
                   "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
                   "strict_images", "ea_from_teacher", "id_cross_trains_ea", "feed_trains_generator",
                   "structure_target_grad", "encode_again_p", "fine_on_real", "sum_over_loaders", "init",
@@ -601,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cycle-max", type=float, help="weight of the reference code's cycle loss after the ramp (0)")
     g.add_argument("--adv", type=float, help="weight of G's adversarial loss per D scale (paper preset: 2, the "
                                              "reference code's; small: 1)")
+    g.add_argument("--id-cross", type=float, metavar="LAMBDA",
+                   help="λ_id, weight of L_id^c (identity of cross-identity swaps; paper and both presets: 0.5)")
     g.add_argument("--ea-from-teacher", action=argparse.BooleanOptionalAction, default=None,
                    help="start E_a's backbone from the teacher's (small preset: on; paper: off, ImageNet)")
     g.add_argument("--cpu-bf16", action="store_true", default=None,
