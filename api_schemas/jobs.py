@@ -42,8 +42,9 @@ class JobSpec(_Strict):
     kind: JobKind = Field(description="dgnet_all_pairs: every appearance × structure pair of the subset; "
                                       "dgnet_random_structures: K random structures per image; "
                                       "crgan_render: sources rendered into target contexts")
-    checkpoint: PathText = Field(min_length=1, description="DG-Net or CR-GAN checkpoint: a model name under the server's models "
-                                                          "root (NAME, NAME.pt or a run folder); in-process, a path")
+    checkpoint: PathText = Field(min_length=1,
+                                 description="DG-Net or CR-GAN checkpoint: a model name under the server's models "
+                                             "root (NAME, NAME.pt or a run folder); in-process, a path")
     teacher: PathText | None = Field(None, description="re-id checkpoint giving the soft labels; default: the "
                                                        "teacher (DG-Net) or identity model (CR-GAN) the generator "
                                                        "was trained with")

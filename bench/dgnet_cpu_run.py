@@ -28,7 +28,9 @@ KEYS = ("identity_consistency", "structure_identity_share", "reconstruction_iden
 
 def snapshots(run: Path) -> dict[str, Path]:
     """The first, middle and last kept checkpoints of a run."""
-    kept = sorted((run / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    from generator_service.checkpoint import run_checkpoint
+
+    kept = sorted(run_checkpoint(run).parent.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if len(kept) < 3:
         raise SystemExit(f"{run} keeps {len(kept)} snapshots; train with --keep-checkpoints (3 or more needed)")
     return {"start": kept[0], "middle": kept[len(kept) // 2], "final": kept[-1]}

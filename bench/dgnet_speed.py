@@ -40,7 +40,8 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     # No pretrained weights: ResNet-50's are not obtainable offline and do not change the cost.
     cfg = dgnet_preset_config(preset, data=data, teacher=teacher, pretrained="none", iterations=warmup + iters,
                               feed_start=0.0, ramp=0.01, workers=1, grid_every=0, checkpoint_every=10**9,
-                              quality_every=0, ea_from_teacher=False, amp=precision == "bf16", cpu_bf16=precision == "bf16")
+                              quality_every=0, ea_from_teacher=False, amp=precision == "bf16",
+                              cpu_bf16=precision == "bf16")
     start = time.perf_counter()
     train_dgnet(cfg, out, progress=False)
     wall = time.perf_counter() - start
@@ -48,7 +49,8 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     measured = times[warmup:]
     rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"preset": preset, "precision": precision, "iterations_per_second": rate, "seconds_per_iteration": 1 / rate,
+    print(json.dumps({"preset": preset, "precision": precision, "iterations_per_second": rate,
+                      "seconds_per_iteration": 1 / rate,
                       "peak_rss_mb": peak_mb, "wall_seconds": wall, "batch_per_loader": cfg.batch_size,
                       "image_size": list(cfg.model.image_size), "backbone": cfg.model.backbone,
                       "torch_threads": torch.get_num_threads()}))
@@ -101,7 +103,8 @@ def main() -> int:
     bf16_speedup = {}
     for preset in args.presets:
         if (preset, "fp32") in by and (preset, "bf16") in by:
-            bf16_speedup[preset] = by[preset, "bf16"]["iterations_per_second"] / by[preset, "fp32"]["iterations_per_second"]
+            fp32, bf16 = by[preset, "fp32"], by[preset, "bf16"]
+            bf16_speedup[preset] = bf16["iterations_per_second"] / fp32["iterations_per_second"]
             print(f"{preset}: bf16 autocast is {bf16_speedup[preset]:.2f}× the fp32 speed")
     # The children train on the config's default device, "auto": the one pick_device resolves here.
     from generator_service.device import pick_device

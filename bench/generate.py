@@ -47,7 +47,8 @@ def raw_throughput(runtime, plan, batch: int, seconds: float, teacher: bool) -> 
     from worker.run import _load_batch, synthesize
 
     batches = [_load_batch(plan, runtime.model, list(range(i, i + batch))) for i in range(0, 4 * batch, batch)]
-    saved, runtime.teacher = runtime.teacher, (runtime.teacher if teacher else None)
+    synthesizer = runtime.synthesizer
+    saved, synthesizer.teacher = synthesizer.teacher, (synthesizer.teacher if teacher else None)
     try:
         for b in batches[:3]:  # warm-up: the first calls on CPU pay for oneDNN primitive creation
             synthesize(runtime, b.appearance, b.structure, None, 10)
@@ -58,7 +59,7 @@ def raw_throughput(runtime, plan, batch: int, seconds: float, teacher: bool) -> 
             n, k = n + len(b.indices), k + 1
         return n / (time.perf_counter() - start)
     finally:
-        runtime.teacher = saved
+        synthesizer.teacher = saved
 
 
 def job_throughput(spec, runtime, out: Path, overlap: bool) -> tuple[float, int]:

@@ -126,7 +126,8 @@ def main() -> int:
         wait, total = sum(r["data_wait_s"] for r in steps), sum(r["step_s"] for r in steps)
         share = wait / total
         print(f"train-reid --shards ({args.train_preset} preset, {args.batch} real + {args.batch} synthetic per "
-              f"step): {share:.1%} of a step waiting for data over {len(steps)} steps ({total / len(steps):.2f} s/step)")
+              f"step): {share:.1%} of a step waiting for data over {len(steps)} steps "
+              f"({total / len(steps):.2f} s/step)")
         device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
 
     write_results("loader", {

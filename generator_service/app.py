@@ -69,17 +69,13 @@ from api_schemas.service import (
     SwapResponse,
 )
 from generator_service.engine import (
-    PRESETS,
     DeadlineExceeded,
     Engine,
     EngineError,
-    InterpolateItem,
     NotReady,
     OutOfMemory,
     QueueFull,
-    RenderItem,
     ServedModel,
-    SwapItem,
     UnknownModel,
     WrongModelKind,
 )
@@ -92,6 +88,7 @@ from generator_service.images import (
     mask_to_pil,
     to_pil,
 )
+from generator_service.kinds import PRESETS, InterpolateItem, RenderItem, SwapItem
 from reidgen.errors import ReidgenError, public_message
 from reidgen.paths import data_root
 
@@ -169,7 +166,8 @@ class Settings:
         the checkout), ``$REIDGEN_SHARDS_ROOT`` (default ./shards), ``$REIDGEN_HEARTBEAT_S``,
         ``$REIDGEN_LEASE_S``."""
         defaults: dict[str, Any] = {"models_root": os.environ.get(ENV_MODELS_ROOT) or "models",
-                                    "data_root": data_root(), "shards_root": os.environ.get(ENV_SHARDS_ROOT) or "shards"}
+                                    "data_root": data_root(),
+                                    "shards_root": os.environ.get(ENV_SHARDS_ROOT) or "shards"}
         heartbeat, lease = os.environ.get(ENV_HEARTBEAT), os.environ.get(ENV_LEASE)
         try:
             if heartbeat:

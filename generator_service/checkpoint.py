@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -81,27 +82,116 @@ def _type_name(value: Any) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
+CHECKPOINTS_DIR, LAST = "checkpoints", "last.pt"
+
+
+def run_checkpoint(run: str | Path, name: str = LAST) -> Path:
+    """Where a run folder keeps a checkpoint: ``RUN/checkpoints/last.pt`` (or ``step_N.pt``)."""
+    return Path(run) / CHECKPOINTS_DIR / name
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint file or a run folder (its checkpoints/last.pt)."""
+    """Accept a checkpoint file or a run folder (its latest checkpoint)."""
     p = Path(path)
-    return p / "checkpoints" / "last.pt" if p.is_dir() else p
+    return run_checkpoint(p) if p.is_dir() else p
+
+
+def run_folder(checkpoint: str | Path) -> Path:
+    """The run folder of a checkpoint argument: the folder itself, or RUN for RUN/checkpoints/x.pt
+    (a file elsewhere: its own folder)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A reidgen checkpoint file, read and checked once.
+
+    Every reader of a model file starts here: the kind, the model configuration, the label map,
+    the lineage (the files it was trained from, by path and content hash) and the weights come
+    from this one parse, and each model class builds itself from it (``from_checkpoint``).
+    ``contents`` is the whole dict, for the trainers' resume state."""
+
+    path: Path
+    contents: dict
+
+    @classmethod
+    def read(cls, path: str | Path, kinds: str | tuple[str, ...]) -> "Checkpoint":
+        """Read a checkpoint file or a run folder's latest one, refusing another kind clearly."""
+        path = resolve_checkpoint(path)
+        kinds = (kinds,) if isinstance(kinds, str) else kinds
+        if not path.is_file():
+            raise ReidgenError(f"checkpoint {path} not found")
+        ckpt = read_plain(path)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+            raise ReidgenError(f"{path} is not a reidgen checkpoint (expected one written by reidgen train-*)")
+        if ckpt.get("version") != VERSION:
+            raise ReidgenError(f"checkpoint {path} has format version {ckpt.get('version')}, this reidgen reads "
+                               f"{VERSION}")
+        if ckpt.get("kind") not in kinds:
+            expected = " or ".join(map(repr, kinds))
+            raise ReidgenError(f"checkpoint {path} holds a {ckpt.get('kind')!r} model; expected {expected}")
+        return cls(path, ckpt)
+
+    def __getitem__(self, key: str):
+        return self.contents[key]
+
+    def get(self, key: str, default=None):
+        return self.contents.get(key, default)
+
+    @property
+    def kind(self) -> str:
+        return self.contents["kind"]
+
+    @property
+    def model_config(self) -> dict:
+        return self.contents["model_config"]
+
+    @property
+    def label_map(self) -> tuple[int, ...]:
+        return tuple(self.contents["label_map"])
+
+    @property
+    def state(self) -> dict:
+        return self.contents["model"]
+
+    @property
+    def train_config(self) -> dict:
+        return self.contents.get("train_config") or {}
+
+    @property
+    def step(self) -> int | None:
+        step = self.contents.get("step")
+        return int(step) if isinstance(step, int) else None
+
+    @property
+    def lineage(self) -> dict[str, dict]:
+        """The files this model was trained from: ``{"teacher": {"path": ..., "sha256_16": ...}}``."""
+        return self.contents.get("lineage") or {}
+
+    @functools.cached_property
+    def identity(self) -> str:
+        return file_identity(self.path)
+
+    def load_into(self, module: torch.nn.Module, prefix: str = "") -> torch.nn.Module:
+        """Load the weights (those under ``prefix``, with it stripped) into ``module``, strictly."""
+        state = self.state if not prefix else {k[len(prefix):]: v for k, v in self.state.items()
+                                               if k.startswith(prefix)}
+        load_state(module, state, f"checkpoint {self.path}")
+        return module
 
 
 def load_checkpoint(path: str | Path, kind: str | tuple[str, ...]) -> dict:
-    """Load a checkpoint (file or run folder) and check it is ours and of the expected kind(s)."""
-    path = resolve_checkpoint(path)
-    kinds = (kind,) if isinstance(kind, str) else kind
-    if not path.is_file():
-        raise ReidgenError(f"checkpoint {path} not found")
-    ckpt = read_plain(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ReidgenError(f"{path} is not a reidgen checkpoint (expected one written by reidgen train-*)")
-    if ckpt.get("version") != VERSION:
-        raise ReidgenError(f"checkpoint {path} has format version {ckpt.get('version')}, this reidgen reads {VERSION}")
-    if ckpt["kind"] not in kinds:
-        expected = " or ".join(map(repr, kinds))
-        raise ReidgenError(f"checkpoint {path} holds a {ckpt['kind']!r} model; expected {expected}")
-    return ckpt
+    """The contents of a checkpoint file or run folder (`Checkpoint.read`), of the expected kind(s)."""
+    return Checkpoint.read(path, kind).contents
+
+
+def lineage_entry(path: str | Path) -> dict:
+    """How a checkpoint records a file it was trained from: the path given and its content hash, so
+    that a later reader can tell when the file at that path is no longer the one used."""
+    return {"path": str(path), "sha256_16": file_identity(resolve_checkpoint(path))}
 
 
 def read_plain(path: Path, what: str = "checkpoint") -> Any:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from generator_service.backbones import build_backbone
-from generator_service.checkpoint import file_identity, load_checkpoint, load_state, resolve_checkpoint, save_checkpoint
+from generator_service.checkpoint import Checkpoint, load_state, save_checkpoint
 from generator_service.dgnet_nets import PRESETS as GENERATOR_PRESETS
 from generator_service.dgnet_nets import (
     Decoder,
@@ -93,12 +93,19 @@ class AppearanceEncoder(nn.Module):
     def head_parameters(self):
         return list(self.head_prim.parameters()) + list(self.head_fine.parameters())
 
+    @classmethod
+    def from_checkpoint(cls, source: "str | Path | Checkpoint") -> tuple["AppearanceEncoder", Checkpoint]:
+        """E_a alone (the re-id model of a DG-Net checkpoint), in eval mode: what evaluation needs."""
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, "dgnet")
+        ea = cls(config_from_dict(DGNetConfig, ckpt.model_config), len(ckpt.label_map))
+        return ckpt.load_into(ea, prefix="ea.").eval(), ckpt
+
 
 class DGNet(nn.Module):
     """E_a, E_s, G, D together, with the generation API used everywhere else.
 
     Public API (images are normalised B×3×H×W tensors):
-    ``DGNet.from_checkpoint(path)`` → (model in eval mode, checkpoint dict), for a training
+    ``DGNet.from_checkpoint(path)`` → (model in eval mode, its `Checkpoint`), for a training
     checkpoint, a run folder or an inference export (`export_inference`);
     ``encode_appearance(x)`` → appearance code B×C×parts×1; ``encode_structure(x)`` → structure
     code; ``decode(appearance, structure)`` → images; ``swap`` and ``interpolate`` on images;
@@ -152,17 +159,18 @@ class DGNet(nn.Module):
         return self.decode(a0.expand(steps, -1, -1, -1), mixed)
 
     @classmethod
-    def from_checkpoint(cls, path) -> tuple["DGNet", dict]:
-        ckpt = load_checkpoint(path, "dgnet")
-        model = cls(config_from_dict(DGNetConfig, ckpt["model_config"]), len(ckpt["label_map"]),
-                    discriminator=not ckpt.get("inference_only", False))
-        load_state(model, ckpt["model"], f"checkpoint {path}")
-        return model.eval(), ckpt
+    def from_checkpoint(cls, source: "str | Path | Checkpoint") -> tuple["DGNet", Checkpoint]:
+        """The model of a training checkpoint, a run folder or an inference export (without D), in
+        eval mode, with the checkpoint it came from."""
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, "dgnet")
+        model = cls(config_from_dict(DGNetConfig, ckpt.model_config), len(ckpt.label_map),
+                    discriminator=not ckpt.contents.get("inference_only", False))
+        return ckpt.load_into(model).eval(), ckpt
 
 
 # Keys of a checkpoint that inference reads (the rest is training state: optimisers, RNG, step).
 # train_config stays: batch jobs find the teacher for soft labels there.
-_INFERENCE_KEYS = ("model_config", "label_map", "train_config", "imported_from")
+_INFERENCE_KEYS = ("model_config", "label_map", "train_config", "imported_from", "lineage")
 
 
 def export_inference(source: str | Path, out: str | Path) -> Path:
@@ -172,15 +180,15 @@ def export_inference(source: str | Path, out: str | Path) -> Path:
     The file is an ordinary reidgen checkpoint of kind "dgnet" marked ``inference_only``: tensors
     and plain data, read with ``weights_only=True`` like every other, so ``serve --models`` and job
     specs take it as they take the full checkpoint. Training cannot resume from it."""
-    path = resolve_checkpoint(source)
-    ckpt = load_checkpoint(path, "dgnet")
+    read = Checkpoint.read(source, "dgnet")
+    path, ckpt = read.path, read.contents
     out = Path(out)
     if out.resolve() == path.resolve():
         raise ReidgenError(f"write the export to a new file, not over {path}")
     payload = {k: ckpt[k] for k in _INFERENCE_KEYS if k in ckpt}
     payload["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("dis.")}
     payload["inference_only"] = True
-    payload["exported_from"] = {"file": path.name, "sha256_16": file_identity(path), "step": ckpt.get("step")}
+    payload["exported_from"] = {"file": path.name, "sha256_16": read.identity, "step": ckpt.get("step")}
     # Check it loads before anyone relies on it: the configuration still builds and every key fits.
     with torch.device("meta"):  # names and shapes only
         model = DGNet(config_from_dict(DGNetConfig, payload["model_config"]), len(payload["label_map"]),

@@ -36,22 +36,15 @@ from PIL import Image
 from torch.nn import functional as F
 
 from api_schemas.service import MODEL_NAME_PATTERN
-from generator_service.checkpoint import file_identity, load_checkpoint
-from generator_service.crgan import ContextRenderer
-from generator_service.crgan_nets import CRGAN_PRESETS
+from generator_service.checkpoint import CHECKPOINTS_DIR, LAST, Checkpoint, run_checkpoint, run_folder
 from generator_service.device import autocast, pick_device
-from generator_service.dgnet import DGNET_PRESETS, DGNet
 from generator_service.images import eval_transform
-from generator_service.masks import GeometricMasks, MaskProvider, build_mask_provider
+from generator_service.kinds import KINDS, OP_KIND, InterpolateItem, RenderItem, SwapItem
+from generator_service.masks import GeometricMasks, MaskProvider
 from reidgen.errors import ReidgenError
 
 log = logging.getLogger("reidgen.engine")
 
-# Which model kind each operation needs, and which endpoints use a kind (for GET /v1/models).
-OP_KIND = {"swap": "dgnet", "interpolate": "dgnet", "render": "crgan"}
-KIND_ENDPOINTS = {"dgnet": ["/v1/swap", "/v1/interpolate"], "crgan": ["/v1/render"]}
-KIND_TITLE = {"dgnet": "DG-Net", "crgan": "CR-GAN"}
-PRESETS = {"dgnet": sorted(DGNET_PRESETS), "crgan": sorted(CRGAN_PRESETS)}
 
 
 # -- errors (each carries a stable code; the HTTP layer maps them to status codes) ---------------
@@ -87,53 +80,6 @@ class NotReady(EngineError):
     code = "not_ready"
 
 
-# -- what one request asks of a model (tensors are normalised, at the model's size, on CPU) ------
-@dataclass
-class SwapItem:
-    """A×3×H×W appearance and S×3×H×W structure images: pairs (one side may hold a single image,
-    used with each image of the other side) or, with ``grid``, every combination."""
-
-    appearance: torch.Tensor
-    structure: torch.Tensor
-    grid: bool = False
-
-    @property
-    def size(self) -> int:
-        na, ns = len(self.appearance), len(self.structure)
-        return na * ns if self.grid else max(na, ns)
-
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices (appearance, structure) of each generated image, row-major."""
-        na, ns = len(self.appearance), len(self.structure)
-        if self.grid:
-            return torch.arange(na).repeat_interleave(ns), torch.arange(ns).repeat(na)
-        n = max(na, ns)
-        return torch.arange(n) % na, torch.arange(n) % ns
-
-
-@dataclass
-class InterpolateItem:
-    first: torch.Tensor   # 1×3×H×W
-    second: torch.Tensor  # 1×3×H×W
-    steps: int
-    what: str = "appearance"
-
-    @property
-    def size(self) -> int:
-        return self.steps
-
-
-@dataclass
-class RenderItem:
-    source: torch.Tensor       # N×3×H×W
-    target: torch.Tensor       # N×3×H×W
-    target_mask: torch.Tensor  # N×1×H×W, 1 = person
-
-    @property
-    def size(self) -> int:
-        return len(self.source)
-
-
 # -- the model registry ------------------------------------------------------------------------
 @dataclass
 class ServedModel:
@@ -167,13 +113,13 @@ class ServedModel:
     def person_mask(self, image: Image.Image) -> np.ndarray:
         """The target person mask of a picture, from this CR-GAN model's mask provider."""
         if self.masks is None:
-            raise WrongModelKind(f"model {self.name!r} is a {KIND_TITLE[self.kind]} model and has no mask provider")
+            raise WrongModelKind(f"model {self.name!r} is a {KINDS[self.kind].title} model and has no mask provider")
         if isinstance(self.masks, GeometricMasks):
             return self.masks.mask_of_size(*image.size)
         return self.masks.mask_image(image)  # TFLiteSegmenter (thread-safe: it holds a lock)
 
     def info(self, default: bool) -> dict:
-        return {"name": self.name, "kind": self.kind, "endpoints": KIND_ENDPOINTS[self.kind], "default": default,
+        return {"name": self.name, "kind": self.kind, "endpoints": list(KINDS[self.kind].endpoints), "default": default,
                 "checkpoint": self.checkpoint, "identity": self.identity, "step": self.step,
                 "preset": self.preset, "image_size": list(self.image_size), "masks": self.masks_name}
 
@@ -188,8 +134,8 @@ def scan_models_dir(root: str | Path) -> list[tuple[str, Path]]:
     for entry in sorted(root.iterdir()):
         if entry.is_file() and entry.suffix == ".pt":
             name, path = entry.stem, entry
-        elif entry.is_dir() and (entry / "checkpoints" / "last.pt").is_file():
-            name, path = entry.name, entry / "checkpoints" / "last.pt"
+        elif entry.is_dir() and run_checkpoint(entry).is_file():
+            name, path = entry.name, run_checkpoint(entry)
         else:
             continue
         if name in found:
@@ -199,96 +145,24 @@ def scan_models_dir(root: str | Path) -> list[tuple[str, Path]]:
     return list(found.items())
 
 
-def _mask_provider(train_config: dict, override: str | None) -> tuple[MaskProvider, str]:
-    """The provider a CR-GAN model was trained with, for targets sent without a mask.
-
-    A ``folder`` provider only knows its own data set's files, so uploads use the pose
-    segmenter; without the TFLite model the geometric prior stands in (and says so).
-    """
-    kind = override or train_config.get("masks") or "pose"
-    if kind == "folder":
-        kind = "pose"
-    opts = {}
-    if kind in ("pose", "selfie") and train_config.get("mask_model") and not override:
-        opts["model_path"] = train_config["mask_model"]
-    try:
-        return build_mask_provider(kind, **opts), kind
-    except ReidgenError as exc:
-        if kind == "geometric":
-            raise
-        log.warning("mask provider %s unavailable (%s); target masks fall back to the geometric prior", kind, exc)
-        return GeometricMasks(), f"geometric (fallback: {kind} unavailable)"
-
-
-def load_model(name: str, path: Path, root: Path, device: torch.device,
+def load_model(name: str, source: Path | Checkpoint, root: Path, device: torch.device,
                mask_provider: str | None = None) -> ServedModel | None:
-    """Load one checkpoint for inference; ``None`` for kinds the service does not serve (re-id)."""
-    meta = load_checkpoint(path, ("dgnet", "crgan", "reid"))
-    kind, step = meta["kind"], meta.get("step")
-    train_config = meta.get("train_config") or {}
-    del meta  # the model constructors read the file again; do not hold two copies
-    if kind == "reid":
-        log.info("skipping %s: a re-id model (the service serves DG-Net and CR-GAN models)", path)
+    """Load one checkpoint (a path, or a file already read) for inference; ``None`` for kinds the
+    service does not serve (re-id)."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, ("reid", *KINDS))
+    if ckpt.kind not in KINDS:
+        log.info("skipping %s: a re-id model (the service serves DG-Net and CR-GAN models)", ckpt.path)
         return None
-    common = {"name": name, "kind": kind, "checkpoint": str(path.relative_to(root)), "identity": file_identity(path),
-              "step": int(step) if isinstance(step, int) else None}
-    if kind == "dgnet":
-        net, _ = DGNet.from_checkpoint(path)
-        net = net.to(device).requires_grad_(False)
-        return ServedModel(**common, preset=net.cfg.preset, image_size=tuple(net.cfg.image_size), net=net)
-    renderer = ContextRenderer(path, device)
-    preset = next((p for p, c in CRGAN_PRESETS.items() if c == renderer.config), "custom")
-    masks, masks_name = _mask_provider(train_config, mask_provider)
-    return ServedModel(**common, preset=preset, image_size=tuple(renderer.image_size), net=renderer,
-                       masks=masks, masks_name=masks_name)
+    loaded = KINDS[ckpt.kind].load(ckpt, device, mask_provider)
+    return ServedModel(name=name, kind=ckpt.kind, checkpoint=str(ckpt.path.relative_to(root)),
+                       identity=ckpt.identity, step=ckpt.step, preset=loaded.preset, image_size=loaded.image_size,
+                       net=loaded.net, masks=loaded.masks, masks_name=loaded.masks_name)
 
 
-# -- the model calls: one function per operation, taking the items of one batch ---------------
-def _chunked(fn: Callable, chunk: int, *tensors: torch.Tensor):
-    """``fn`` over slices of at most ``chunk`` rows, outputs concatenated (tuples element-wise)."""
-    outs = [fn(*(t[i:i + chunk] for t in tensors)) for i in range(0, len(tensors[0]), chunk)]
-    if isinstance(outs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outs))
-    return torch.cat(outs)
+def _to_cpu(result):
+    return tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu()
 
 
-def _run_swap(net: DGNet, items: Sequence[SwapItem], device: torch.device, chunk: int) -> list[torch.Tensor]:
-    """All requests of the batch at once: each input image encoded once, then every requested
-    (appearance, structure) pair decoded in device batches of at most ``chunk``."""
-    a = _chunked(net.encode_appearance, chunk, torch.cat([it.appearance for it in items]).to(device))
-    s = _chunked(net.encode_structure, chunk, torch.cat([it.structure for it in items]).to(device))
-    ia, is_, oa, os_ = [], [], 0, 0
-    for it in items:
-        pa, ps = it.pairs()
-        ia.append(pa + oa)
-        is_.append(ps + os_)
-        oa, os_ = oa + len(it.appearance), os_ + len(it.structure)
-    ia_all, is_all = torch.cat(ia).to(device), torch.cat(is_).to(device)
-    out = torch.cat([net.decode(a[ia_all[i:i + chunk]], s[is_all[i:i + chunk]])
-                     for i in range(0, len(ia_all), chunk)]).float().cpu()
-    results = list(out.split([it.size for it in items]))
-    return [r.view(len(it.appearance), len(it.structure), *r.shape[1:]) if it.grid else r
-            for r, it in zip(results, items)]
-
-
-def _run_interpolate(net: DGNet, items: Sequence[InterpolateItem], device: torch.device,
-                     chunk: int) -> list[torch.Tensor]:
-    # Each request is at most max_steps images: DG-Net's own interpolation, one call per request.
-    return [net.interpolate(it.first.to(device), it.second.to(device), it.steps, it.what).float().cpu()
-            for it in items]
-
-
-def _run_render(renderer: ContextRenderer, items: Sequence[RenderItem], device: torch.device,
-                chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    src = torch.cat([it.source for it in items]).to(device)
-    tgt = torch.cat([it.target for it in items]).to(device)
-    msk = torch.cat([it.target_mask for it in items]).to(device)
-    rendered, context = _chunked(renderer.render, chunk, src, tgt, msk)
-    sizes = [it.size for it in items]
-    return list(zip(rendered.float().cpu().split(sizes), context.float().cpu().split(sizes)))
-
-
-RUNNERS = {"swap": _run_swap, "interpolate": _run_interpolate, "render": _run_render}
 
 
 @dataclass(eq=False)
@@ -320,7 +194,7 @@ class Engine:
             raise ReidgenError(f"max_batch ({max_batch}) and queue_size ({queue_size}) must be ≥ 1 and "
                                f"max_wait_ms ({max_wait_ms}) ≥ 0")
         self.models = {m.name: m for m in models}
-        self.defaults = {kind: next((m.name for m in models if m.kind == kind), None) for kind in KIND_TITLE}
+        self.defaults = {kind: next((m.name for m in models if m.kind == kind), None) for kind in KINDS}
         self.device = torch.device(device)
         self.amp = amp and self.device.type == "cuda"
         self.max_batch, self.max_wait_s, self.queue_size = max_batch, max_wait_ms / 1000, queue_size
@@ -359,17 +233,17 @@ class Engine:
                    timeout_s=timeout_s)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", *, max_batch: int = 4096,
+    def from_checkpoint(cls, checkpoint: str | Path | Checkpoint, device: str = "auto", *, max_batch: int = 4096,
                         amp: bool = True, mask_provider: str | None = None) -> Engine:
-        """An engine serving one DG-Net or CR-GAN checkpoint (file or run folder): what the batch
-        workers and the online-feed trainer use. Its name is the file's stem or the run folder's."""
-        given = Path(checkpoint)
-        path = given / "checkpoints" / "last.pt" if given.is_dir() else given
-        if not path.is_file():
-            raise ReidgenError(f"checkpoint {checkpoint} not found")
-        name = given.name if given.is_dir() else given.stem
+        """An engine serving one DG-Net or CR-GAN checkpoint (file, run folder or a file already
+        read): what the batch workers and the online-feed trainer use. Its name is the run folder's
+        or the file's stem."""
+        ckpt = (checkpoint if isinstance(checkpoint, Checkpoint)
+                else Checkpoint.read(checkpoint, ("dgnet", "crgan", "reid")))
+        path = ckpt.path
+        name = run_folder(path).name if path.parent.name == CHECKPOINTS_DIR and path.name == LAST else path.stem
         dev = pick_device(device)
-        model = load_model(name, path, path.parent, dev, mask_provider)
+        model = load_model(name, ckpt, path.parent, dev, mask_provider)
         if model is None:
             raise ReidgenError(f"{checkpoint} is a re-id model; a DG-Net or CR-GAN checkpoint is needed here")
         return cls([model], dev, max_batch=max_batch, amp=amp)
@@ -382,13 +256,13 @@ class Engine:
         if name is None:
             name = self.defaults[kind]
             if name is None:
-                raise UnknownModel(f"no {KIND_TITLE[kind]} model is loaded, which {op} needs (loaded: {loaded})")
+                raise UnknownModel(f"no {KINDS[kind].title} model is loaded, which {op} needs (loaded: {loaded})")
         model = self.models.get(name)
         if model is None:
             raise UnknownModel(f"no model named {name!r}; loaded: {loaded}")
         if model.kind != kind:
-            raise WrongModelKind(f"model {name!r} is a {KIND_TITLE[model.kind]} model; {op} needs a "
-                                 f"{KIND_TITLE[kind]} model (loaded: {loaded})")
+            raise WrongModelKind(f"model {name!r} is a {KINDS[model.kind].title} model; {op} needs a "
+                                 f"{KINDS[kind].title} model (loaded: {loaded})")
         return model
 
     def describe(self) -> dict:
@@ -450,12 +324,9 @@ class Engine:
             sizes = [1] if self.device.type == "cpu" else sorted({1, self.max_batch})
             for model in self.models.values():
                 h, w = model.image_size
+                kind = KINDS[model.kind]
                 for n in sizes:
-                    x = torch.zeros(n, 3, h, w)
-                    if model.kind == "dgnet":
-                        self.swap_batch(x, x, model=model.name)
-                    else:
-                        self.render_batch(x, x, torch.zeros(n, 1, h, w), model=model.name)
+                    self._direct(next(iter(kind.ops)), model, kind.warm_item(n, h, w))
                 if model.masks is not None:
                     model.person_mask(Image.new("RGB", (w, h)))
             self.warmed = True
@@ -479,11 +350,12 @@ class Engine:
 
     # -- synchronous API (workers, trainers: the caller already has a batch) --------------------
     def swap_batch(self, appearance: torch.Tensor, structure: torch.Tensor, grid: bool = False,
-                   model: str | None = None) -> torch.Tensor:
+                   model: str | None = None, on_device: bool = False) -> torch.Tensor:
         """Generated images for normalised image batches (any size: resized to the model's):
-        B×3×H×W pairs, or with ``grid`` an A×S×3×H×W grid. Runs in the calling thread."""
+        B×3×H×W pairs, or with ``grid`` an A×S×3×H×W grid. Runs in the calling thread; the result
+        is on the CPU, or with ``on_device`` left on the engine's device (training feeds)."""
         m = self.model_for("swap", model)
-        return self._direct("swap", m, SwapItem(self._fit(appearance, m), self._fit(structure, m), grid))
+        return self._direct("swap", m, SwapItem(self._fit(appearance, m), self._fit(structure, m), grid), on_device)
 
     def interpolate_batch(self, first: torch.Tensor, second: torch.Tensor, steps: int, what: str = "appearance",
                           model: str | None = None) -> torch.Tensor:
@@ -491,12 +363,12 @@ class Engine:
         return self._direct("interpolate", m, InterpolateItem(self._fit(first, m), self._fit(second, m), steps, what))
 
     def render_batch(self, source: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor,
-                     model: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     model: str | None = None, on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(rendered, context mask) for B×3×H×W sources/targets and B×1×H×W target person masks."""
         m = self.model_for("render", model)
         mask = target_mask if target_mask.shape[-2:] == m.image_size else \
             F.interpolate(target_mask.float(), size=m.image_size, mode="bilinear", align_corners=False)
-        return self._direct("render", m, RenderItem(self._fit(source, m), self._fit(target, m), mask))
+        return self._direct("render", m, RenderItem(self._fit(source, m), self._fit(target, m), mask), on_device)
 
     @staticmethod
     def _fit(x: torch.Tensor, model: ServedModel) -> torch.Tensor:
@@ -504,10 +376,10 @@ class Engine:
             return x
         return F.interpolate(x, size=model.image_size, mode="bilinear", align_corners=False)
 
-    def _direct(self, op: str, model: ServedModel, item) -> Any:
+    def _direct(self, op: str, model: ServedModel, item, on_device: bool = False) -> Any:
         job = Job(op, model, item, deadline=math.inf)
         job.future.set_running_or_notify_cancel()
-        self._execute([job], self.max_batch)
+        self._execute([job], self.max_batch, on_device)
         return job.future.result()
 
     # -- queued API (the HTTP service) ---------------------------------------------------------
@@ -586,7 +458,7 @@ class Engine:
                     if not job.future.done():
                         job.future.set_exception(exc)
 
-    def _execute(self, jobs: list[Job], chunk: int) -> None:
+    def _execute(self, jobs: list[Job], chunk: int, on_device: bool = False) -> None:
         """Run ``jobs`` (same op and model) as one batch and settle their futures.
 
         Out of memory: split the jobs in halves (or, for one job, halve the device batch) and
@@ -597,25 +469,27 @@ class Engine:
         started = time.perf_counter()
         try:
             with torch.inference_mode(), autocast(self.device, self.amp):
-                results = RUNNERS[op](model.net, [j.item for j in jobs], self.device, chunk)
+                results = KINDS[model.kind].ops[op](model.net, [j.item for j in jobs], self.device, chunk)
+                if not on_device:
+                    results = [_to_cpu(r) for r in results]
         except Exception as exc:  # noqa: BLE001 - settled below: split, isolate or hand to the request
             if _is_oom(exc):
                 torch.cuda.empty_cache()
                 if len(jobs) > 1:
                     half = len(jobs) // 2
                     log.warning("out of memory on %d requests of %s: splitting", len(jobs), op)
-                    self._execute(jobs[:half], chunk)
-                    self._execute(jobs[half:], chunk)
+                    self._execute(jobs[:half], chunk, on_device)
+                    self._execute(jobs[half:], chunk, on_device)
                 elif chunk > 1:
                     log.warning("out of memory on a device batch of %d for %s: halving", chunk, op)
-                    self._execute(jobs, chunk // 2)
+                    self._execute(jobs, chunk // 2, on_device)
                 else:
                     jobs[0].future.set_exception(OutOfMemory(
                         "the server ran out of accelerator memory on this request; send fewer or smaller images"))
                 return
             if len(jobs) > 1:
                 for job in jobs:
-                    self._execute([job], chunk)
+                    self._execute([job], chunk, on_device)
                 return
             jobs[0].future.set_exception(exc)
             return

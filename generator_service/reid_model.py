@@ -6,12 +6,15 @@ is also the primary/fine-grained head of DG-Net's appearance encoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from generator_service.backbones import build_backbone
+from generator_service.checkpoint import Checkpoint
+from reidgen.config import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,14 @@ class ReidNet(nn.Module):
     def embed(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature parts for retrieval (one part here; DG-Net has two)."""
         return [self.head(self.pooled(x))[1]]
+
+    @classmethod
+    def from_checkpoint(cls, source: "str | Path | Checkpoint") -> tuple["ReidNet", Checkpoint]:
+        """The network of a re-id checkpoint (file, run folder or an already read `Checkpoint`), in
+        eval mode, with the checkpoint it came from."""
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, "reid")
+        net = cls(config_from_dict(ReidModelConfig, ckpt.model_config), len(ckpt.label_map))
+        return ckpt.load_into(net).eval(), ckpt
 
     def backbone_parameters(self):
         return self.backbone.parameters()

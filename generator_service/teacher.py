@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from generator_service.checkpoint import load_checkpoint, load_state
-from generator_service.reid_model import ReidModelConfig, ReidNet
-from reidgen.config import config_from_dict
+from generator_service.checkpoint import Checkpoint
+from generator_service.reid_model import ReidNet
+from reidgen.errors import ReidgenError
 from reidgen.market import LabelMap
 
 
@@ -19,13 +19,30 @@ class Teacher:
     """Frozen baseline classifier giving soft labels: mean softmax of the image and its mirror."""
 
     def __init__(self, path: str, label_map: LabelMap, device: torch.device):
-        ckpt = load_checkpoint(path, "reid")
-        LabelMap(tuple(ckpt["label_map"])).require_same(label_map, f"teacher {path} vs the training data")
-        config = config_from_dict(ReidModelConfig, ckpt["model_config"])
-        self.net = ReidNet(config, len(label_map))
-        load_state(self.net, ckpt["model"], f"teacher {path}")
-        self.net.to(device).eval().requires_grad_(False)
-        self.image_size = config.image_size
+        self.net, ckpt = ReidNet.from_checkpoint(path)
+        LabelMap(ckpt.label_map).require_same(label_map, f"teacher {path} vs the training data")
+        self.net.to(device).requires_grad_(False)
+        self.path, self.identity = path, ckpt.identity
+        self.image_size = self.net.config.image_size
+
+    @classmethod
+    def recorded_in(cls, ckpt: Checkpoint, device: torch.device) -> "Teacher":
+        """The teacher a generator's checkpoint names (DG-Net: its teacher; CR-GAN: its D_id), checked
+        to be the very file it was trained with when the checkpoint recorded its content hash."""
+        path = ckpt.train_config.get("teacher") or ckpt.train_config.get("id_model")
+        if not path:
+            raise ReidgenError(f"checkpoint {ckpt.path} names no teacher")
+        teacher = cls(path, LabelMap(ckpt.label_map), device)
+        recorded = ckpt.lineage.get("teacher") or {}
+        if recorded.get("path") == path and recorded.get("sha256_16") not in (None, teacher.identity):
+            # Soft labels from another file than the one the generator was trained with would be
+            # used (and stored with every record) as if they were right.
+            raise ReidgenError(f"the teacher {path} that checkpoint {ckpt.path} names has changed since training "
+                               f"(content {teacher.identity}, recorded {recorded['sha256_16']})",
+                               public="teacher: the teacher that the checkpoint names has changed since training (its "
+                                      "content differs from the recorded one); give a teacher or set soft_labels "
+                                      "false", code="bad_teacher")
+        return teacher
 
     @torch.no_grad()
     def soft_labels(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,11 @@ import json
 import re
 
 import pytest
-from reidgen.market import link_subset
 
 from api_schemas.evaluation import EvaluationReport
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
+from reidgen.market import link_subset
 from trainer.demo import DemoConfig, demo_checkpoints, run_demo
 
 

@@ -907,7 +907,8 @@ def test_redis_on_the_cpu_override_is_built_from_the_local_base():
 def test_redis_entrypoint_runs_other_commands_as_given(tmp_path):
     """Only `redis-server` started as root is switched to the redis user; anything else (a shell in
     the container, redis-cli) runs as given, with its arguments intact."""
-    result = subprocess.run(["sh", str(REPO / "docker" / "redis-entrypoint.sh"), "sh", "-c", 'echo "$0|$1"', "a b", "c"],
+    entrypoint = str(REPO / "docker" / "redis-entrypoint.sh")
+    result = subprocess.run(["sh", entrypoint, "sh", "-c", 'echo "$0|$1"', "a b", "c"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=10)
     assert (result.returncode, result.stdout) == (0, "a b|c\n"), result.stderr
     script = (REPO / "docker" / "redis-entrypoint.sh").read_text()

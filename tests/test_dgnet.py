@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from reidgen.market import link_subset
 from PIL import Image
 
 from generator_service.dgnet import DGNET_PRESETS, DGNet
 from generator_service.dgnet_nets import count_parameters
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
+from reidgen.market import link_subset
 from trainer.evaluate import load_embedder
 from trainer.runlog import read_jsonl
 from trainer.train_dgnet import DGNetTrainer, dgnet_preset_config, train_dgnet

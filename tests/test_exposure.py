@@ -30,7 +30,8 @@ from PIL import Image
 
 from api_schemas.service import ErrorBody
 from generator_service.app import Settings, create_app
-from generator_service.engine import Engine, QueueFull, SwapItem
+from generator_service.engine import Engine, QueueFull
+from generator_service.kinds import SwapItem
 from generator_service.serve import uvicorn_config
 from reidgen.market import link_subset
 from reidgen.paths import data_root
@@ -193,8 +194,8 @@ def test_a_worker_confines_a_task_to_its_own_roots(broker, place, monkeypatch, t
         monkeypatch.setenv(var, str(place[root]))
     store = JobStore(broker["client"], broker["prefix"])
     monkeypatch.setattr(tasks, "_store", store)
-    spec = JobSpec(kind="dgnet_random_structures", checkpoint=str(tiny_dgnet["dgnet"]), data=str(place["data"] / "mini"),
-                   subset=4, structures_per_image=1, shard_size=64)
+    spec = JobSpec(kind="dgnet_random_structures", checkpoint=str(tiny_dgnet["dgnet"]),
+                   data=str(place["data"] / "mini"), subset=4, structures_per_image=1, shard_size=64)
     out = place["outside"] / "from-a-task"
     job = submit_job(JobRequest(spec=spec, out=str(out)), store, make_app())  # the CLI's way: paths, unconfined
     before = snapshot(place["outside"])

@@ -82,9 +82,9 @@ def test_redis_outage_mid_shard_neither_fails_the_shard_nor_the_job(broker, tiny
                                                                     monkeypatch):
     import worker.tasks as tasks
     from generator_service.app import Settings
+    from tests.test_worker import records_of
     from worker.jobs import submit_job
     from worker.plans import make_plan
-    from tests.test_worker import records_of
 
     outage = Outage()
     checks = {"n": 0}

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
-from reidgen.market import link_subset
 from PIL import Image
 
 from api_schemas.service import (
@@ -34,9 +33,11 @@ from api_schemas.service import (
 from generator_service.app import Settings, create_app
 from generator_service.client import ServiceClient, ServiceError, decode_b64
 from generator_service.crgan_nets import CRGAN_PRESETS
-from generator_service.engine import DeadlineExceeded, Engine, SwapItem
+from generator_service.engine import DeadlineExceeded, Engine
 from generator_service.images import decode_image_bytes, to_pil
+from generator_service.kinds import SwapItem
 from generator_service.serve import serve
+from reidgen.market import link_subset
 from trainer.train_crgan import crgan_preset_config, train_crgan
 from trainer.train_dgnet import dgnet_preset_config, train_dgnet
 from trainer.train_reid import preset_config, train_reid

@@ -19,7 +19,6 @@ from worker.plans import make_plan
 from worker.run import generate_shard, load_runtime, run_job
 from worker.shards import ShardReader, ShardWriter, shard_paths, verify
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -191,9 +190,8 @@ def test_crgan_render_job(tiny_dgnet, cuhk_mini, tmp_path):
     """CR-GAN renders (source × target instances) through the same engine and shard format."""
     from dataclasses import replace
 
-    from reidgen.market import link_subset
-
     from generator_service.crgan_nets import CRGAN_PRESETS
+    from reidgen.market import link_subset
     from trainer.train_crgan import crgan_preset_config, train_crgan
 
     target = link_subset(cuhk_mini, tmp_path / "target", ids=2)

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from reidgen.market import link_subset
 
 from generator_service.checkpoint import load_checkpoint, save_checkpoint
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
+from reidgen.market import link_subset
 from trainer.evaluate import evaluate_checkpoint
 from trainer.runlog import read_jsonl
 from trainer.train_reid import preset_config, train_reid

@@ -55,10 +55,9 @@ def broker(tmp_path_factory, tiny_dgnet):
     env = {"REDIS_URL": url, "REIDGEN_REDIS_PREFIX": f"reidgen-test-{tag}:", "REIDGEN_QUEUE": f"shards-{tag}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    from generator_service.app import Settings
     from worker.celery_app import make_app
     from worker.jobs import JobStore
-
-    from generator_service.app import Settings
 
     app = make_app()
     store = JobStore(redis.Redis.from_url(url), env["REIDGEN_REDIS_PREFIX"])

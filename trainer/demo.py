@@ -17,7 +17,7 @@ from pathlib import Path
 
 from api_schemas.evaluation import EvaluationReport
 from api_schemas.jobs import JobSpec
-from generator_service.checkpoint import resolve_checkpoint
+from generator_service.checkpoint import Checkpoint, resolve_checkpoint, run_checkpoint, run_folder
 from reidgen.errors import ReidgenError
 from reidgen.market import scan_split
 from trainer.evaluate import evaluate_checkpoint
@@ -78,24 +78,21 @@ def _input_sheet(data: str, out: Path, count: int = 16) -> Path:
 def _reused_run(run: str, data: str) -> dict:
     """The checkpoint, teacher and step of a DG-Net run given to ``--dgnet``, refused clearly when
     it was trained on other data (its classes would not match the demo's)."""
-    from generator_service.checkpoint import load_checkpoint
-
-    checkpoint = resolve_checkpoint(run)
-    ckpt = load_checkpoint(checkpoint, "dgnet")
-    trained_on = Path(ckpt["train_config"]["data"]).resolve()
+    ckpt = Checkpoint.read(run, "dgnet")
+    checkpoint = ckpt.path
+    trained_on = Path(ckpt.train_config["data"]).resolve()
     if trained_on != Path(data).resolve():
         raise ReidgenError(f"--dgnet {run} was trained on {trained_on}, the demo runs on {data}; pass --data "
                            f"{trained_on}")
-    folder = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return {"checkpoint": checkpoint, "run": folder, "teacher": Path(ckpt["train_config"]["teacher"]),
-            "step": ckpt["step"]}
+    return {"checkpoint": checkpoint, "run": run_folder(checkpoint), "teacher": Path(ckpt.train_config["teacher"]),
+            "step": ckpt.step}
 
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage; returns the path of the HTML report."""
     from generator_service.dgnet import DGNet
-    from generator_service.images import load_batch
     from generator_service.grids import interpolation_strip, swap_grid
+    from generator_service.images import load_batch
     from worker.run import run_job
     from worker.shards import contact_sheet, verify
 
@@ -105,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     reused = _reused_run(cfg.dgnet, data) if cfg.dgnet else None
     t = _stage(1, total, f"teacher: baseline re-id model (small preset, {cfg.epochs} epochs) on {data}")
-    teacher = out / "teacher" / "checkpoints" / "last.pt"
+    teacher = run_checkpoint(out / "teacher")
     if reused:
         teacher = reused["teacher"]
         print(f"  reusing the teacher of {cfg.dgnet}: {teacher}")
@@ -115,7 +112,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["teacher"] = time.perf_counter() - t
 
     t = _stage(2, total, f"DG-Net: joint training (small preset, {cfg.dgnet_iterations} iterations, online feed)")
-    dgnet = out / "dgnet" / "checkpoints" / "last.pt"
+    dgnet = run_checkpoint(out / "dgnet")
     dgnet_run = out / "dgnet"
     if reused:
         dgnet, dgnet_run = reused["checkpoint"], reused["run"]
@@ -162,7 +159,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["generate"] = time.perf_counter() - t
 
     t = _stage(5, total, f"re-id on real + synthetic images (small preset, {cfg.epochs} epochs, shards)")
-    mixed = out / "real_plus_synthetic" / "checkpoints" / "last.pt"
+    mixed = run_checkpoint(out / "real_plus_synthetic")
     if not _done(mixed):
         train_reid(preset_config("small", data=data, epochs=cfg.epochs, milestones=(max(1, cfg.epochs - 1),),
                                  workers=cfg.workers, device=cfg.device, evaluate=False,

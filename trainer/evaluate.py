@@ -13,11 +13,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from api_schemas.evaluation import EvaluationReport
-from generator_service.checkpoint import load_checkpoint, load_state, resolve_checkpoint
+from generator_service.checkpoint import Checkpoint, resolve_checkpoint
 from generator_service.device import autocast, pick_device
 from generator_service.images import UnreadableImages, eval_transform
-from generator_service.reid_model import ReidModelConfig, ReidNet
-from reidgen.config import config_from_dict
+from generator_service.reid_model import ReidNet
 from reidgen.errors import ReidgenError
 from reidgen.market import Item, scan_split
 from trainer.data import ImageDataset
@@ -32,19 +31,14 @@ def load_embedder(path: str | Path) -> tuple[torch.nn.Module, tuple[int, int], l
     A baseline checkpoint gives one feature; a DG-Net checkpoint gives E_a's f_prim and f_fine,
     scored s_prim + β·s_fine with the paper's β = 0.5.
     """
-    ckpt = load_checkpoint(path, ("reid", "dgnet"))
-    if ckpt["kind"] == "dgnet":
-        from generator_service.dgnet import AppearanceEncoder, DGNetConfig
+    ckpt = Checkpoint.read(path, ("reid", "dgnet"))
+    if ckpt.kind == "dgnet":
+        from generator_service.dgnet import AppearanceEncoder
 
-        config = config_from_dict(DGNetConfig, ckpt["model_config"])
-        ea = AppearanceEncoder(config, len(ckpt["label_map"]))
-        state = {k[len("ea."):]: v for k, v in ckpt["model"].items() if k.startswith("ea.")}
-        load_state(ea, state, f"checkpoint {path}")
-        return ea.eval(), config.image_size, ["f_prim", "f_fine"], [1.0, DGNET_BETA]
-    config = config_from_dict(ReidModelConfig, ckpt["model_config"])
-    model = ReidNet(config, len(ckpt["label_map"]))
-    load_state(model, ckpt["model"], f"checkpoint {path}")
-    return model.eval(), config.image_size, ["feature"], [1.0]
+        ea, _ = AppearanceEncoder.from_checkpoint(ckpt)
+        return ea, ea.cfg.image_size, ["f_prim", "f_fine"], [1.0, DGNET_BETA]
+    model, _ = ReidNet.from_checkpoint(ckpt)
+    return model, model.config.image_size, ["feature"], [1.0]
 
 
 class LocalMaxPooling(torch.nn.Module):

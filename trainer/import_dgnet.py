@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from generator_service.checkpoint import file_identity, read_plain, save_checkpoint
+from generator_service.checkpoint import file_identity, lineage_entry, read_plain, save_checkpoint
 from generator_service.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
 from generator_service.dgnet_nets import reference_init, with_layout
 from generator_service.reid_model import ReidModelConfig, ReidNet
@@ -113,7 +113,8 @@ def discriminator_names(net: DGNet) -> dict[str, str]:
             table.append((rf"dis\.scales\.{s}\.net\.{ours}\.", f"cnns.{s}.{i}.conv."))
         for r in range(cfg.dis_res_blocks):
             for ours, theirs in ((0, 0), (3, 1)):
-                table.append((rf"dis\.scales\.{s}\.net\.{10 + r}\.body\.{ours}\.", f"cnns.{s}.{5 + r}.model.{theirs}.conv."))
+                table.append((rf"dis\.scales\.{s}\.net\.{10 + r}\.body\.{ours}\.",
+                              f"cnns.{s}.{5 + r}.model.{theirs}.conv."))
         last = 10 + cfg.dis_res_blocks
         table.append((rf"dis\.scales\.{s}\.net\.{last}\.", f"cnns.{s}.{5 + cfg.dis_res_blocks}."))
     return _apply_table(table, [k for k in net.state_dict() if k.startswith("dis.")])
@@ -164,7 +165,8 @@ def translate(source: dict[str, torch.Tensor], names: dict[str, str], target: di
         if missing:
             parts.append(f"{len(missing)} missing keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
         if unknown:
-            parts.append(f"{len(unknown)} unexpected keys ({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''})")
+            more = ", ..." if len(unknown) > 4 else ""
+            parts.append(f"{len(unknown)} unexpected keys ({', '.join(unknown[:4])}{more})")
         raise ReidgenError(f"{what} is not in the DG-Net reference layout: {'; '.join(parts)}")
     out, wrong = {}, []
     for theirs, ours in wanted.items():
@@ -278,4 +280,5 @@ def import_dgnet(gen: str | Path, ea: str | Path, data: str | Path, out: str | P
         # No optimiser state: a run started from this file starts its optimisers afresh.
         "optimizers": [], "step": 0, "rng": [],
         "imported_from": {"format": "DG-Net reference (NVlabs/DG-Net trainer save)", **sources},
+        **({"lineage": {"teacher": lineage_entry(teacher_out)}} if teacher_out else {}),
     })

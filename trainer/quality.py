@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from generator_service.checkpoint import resolve_checkpoint
+from generator_service.checkpoint import run_folder  # noqa: F401 - the run folder of a checkpoint argument
 from generator_service.device import pick_device
 from generator_service.images import UnreadableImages, denormalize, eval_transform
 from reidgen.errors import ReidgenError
@@ -366,14 +366,6 @@ class InceptionDistances:
 # -- the full measurement -----------------------------------------------------------------------
 
 
-def run_folder(checkpoint: str | Path) -> Path:
-    """The run folder of a checkpoint argument: the folder itself, or RUN for RUN/checkpoints/x.pt."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        return path
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
 def _batches(n: int, batch_size: int) -> list[list[int]]:
     """0..n-1 in nearly equal batches (never a batch of one, which has no diversity pair)."""
     return [b.tolist() for b in torch.arange(n).tensor_split(max(1, math.ceil(n / batch_size)))]
@@ -398,9 +390,8 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
     from reidgen.paths import resolve_data
 
     start = time.perf_counter()
-    path = resolve_checkpoint(checkpoint)
-    net, ckpt = DGNet.from_checkpoint(path)
-    train_config = ckpt.get("train_config") or {}
+    net, ckpt = DGNet.from_checkpoint(checkpoint)
+    path, train_config = ckpt.path, ckpt.train_config
     data = data or train_config.get("data")
     teacher_path = teacher or train_config.get("teacher")
     if not data:
@@ -409,7 +400,7 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
         raise ReidgenError(f"checkpoint {path} does not record its teacher; pass --teacher")
     data = resolve_data(data)
     items = scan_split(data, "train")
-    label_map = LabelMap(tuple(ckpt["label_map"]))
+    label_map = LabelMap(ckpt.label_map)
     LabelMap.from_items(items).require_same(label_map, f"data {data} vs checkpoint {path}")
     if n < 2:
         raise ReidgenError(f"--n {n}: at least 2 images are needed")
@@ -483,7 +474,8 @@ DESCRIPTIONS = {
     "reconstruction_ssim": "SSIM of G(a_i, s_i) vs x_i (higher = better)",
     "identity_consistency": "share of swaps the teacher gives the appearance provider's id (higher = better)",
     "structure_identity_share": "share of swaps the teacher gives the structure provider's id (should be low)",
-    "reconstruction_identity": "share of self reconstructions G(a_i, s_i) the teacher names y_i: the ceiling of the above",
+    "reconstruction_identity": "share of self reconstructions G(a_i, s_i) the teacher names y_i: the ceiling of "
+                               "the above",
     "real_identity": "share of the real images the teacher names correctly (its training accuracy at this size)",
     "teacher_fd": "Fréchet distance of teacher features, swaps vs real (lower = better)",
 }

@@ -4,8 +4,8 @@ A feed gives, per training step, a batch of generated images with their targets:
 ``(images, soft labels B×K, structure labels B)`` on the device. Offline, from LMDB shards
 (`trainer.shard_data.ShardDataset`, its own seeded stream keyed by the step so a resumed run
 reads the same records); online, made on the fly from the real batch by the same engine and
-teacher the batch workers use (`worker.run.synthesize`): each real image's appearance on the
-structure of another person of the batch.
+teacher (the `Synthesizer` the batch workers use, keeping tensors on the device): each real
+image's appearance on the structure of another person of the batch.
 
 The losses are those of DG-Net's discriminative module on generated images: L_prim =
 KL(q ‖ p) of the primary head to the teacher's soft label, L_fine = CE of a fine-grained head
@@ -47,42 +47,44 @@ class ShardFeed:
 
 
 class OnlineFeed:
-    """Samples made on the fly by a DG-Net checkpoint (and its teacher) from the real batch."""
+    """Samples made on the fly by a DG-Net checkpoint (and the teacher it records) from the real batch."""
 
-    def __init__(self, checkpoint: str, data: str, label_map: LabelMap, device: torch.device, batch_size: int,
-                 top_k: int = 10):
-        from api_schemas.jobs import JobSpec
-        from worker.run import load_runtime
+    def __init__(self, checkpoint: str, data: str, label_map: LabelMap, device: torch.device, batch_size: int):
+        from generator_service.checkpoint import Checkpoint
+        from generator_service.engine import Engine
+        from generator_service.synthesis import Synthesizer
+        from generator_service.teacher import Teacher
 
-        spec = JobSpec(kind="dgnet_random_structures", checkpoint=checkpoint, data=data, top_k=top_k)
-        self.runtime = load_runtime(spec, str(device))
-        self.runtime.label_map.require_same(label_map, f"--online-generator {checkpoint} vs the training data")
-        if self.runtime.teacher is None:
+        ckpt = Checkpoint.read(checkpoint, "dgnet")
+        LabelMap(ckpt.label_map).require_same(label_map, f"--online-generator {checkpoint} vs the training data")
+        if not ckpt.train_config.get("teacher"):
             raise ReidgenError(f"--online-generator {checkpoint} has no teacher for the soft labels")
-        self.device, self.batch_size, self.top_k = device, batch_size, top_k
-        self.num_classes = len(label_map)
+        engine = Engine.from_checkpoint(ckpt, str(device))
+        self.synthesizer = Synthesizer(engine, Teacher.recorded_in(ckpt, engine.device))
+        self.device, self.batch_size = device, batch_size
         self.bad: list[str] = []
 
     def __call__(self, real_images: torch.Tensor, real_labels: torch.Tensor):
-        from worker.run import synthesize
-
         n = min(self.batch_size, len(real_images))
-        # Structure from the next image whose identity differs (cross-identity swaps, as the shards).
-        labels = real_labels.cpu()
-        order = torch.arange(len(labels))
-        partner = torch.empty(n, dtype=torch.long)
-        for i in range(n):
-            others = order[labels != labels[i]]
-            partner[i] = others[(others > i).long().argmax()] if len(others) else (i + 1) % len(labels)
-        appearance, structure = real_images[:n].detach().cpu(), real_images[partner].detach().cpu()
-        images, soft = synthesize(self.runtime, appearance, structure, None, self.top_k)
-        q = torch.zeros(n, self.num_classes)
-        for row, s in enumerate(soft):
-            q[row, torch.tensor(s.classes)] = torch.tensor(s.probs)
+        partner = cross_identity_partners(real_labels)[:n]
+        made = self.synthesizer(real_images[:n].detach(), real_images[partner].detach())
+        images = made.images
         size = tuple(real_images.shape[-2:])
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        return images.to(self.device), q.to(self.device), labels[partner].to(self.device)
+        # Clones: the engine made them under inference mode, and the classifier's backward needs its inputs.
+        return images.clone().to(self.device), made.soft.clone().to(self.device), real_labels[partner].to(self.device)
+
+
+def cross_identity_partners(labels: torch.Tensor) -> torch.Tensor:
+    """For each image of a batch, the index of the next image (cyclically) of another identity,
+    or simply the next one when the batch holds one identity: cross-identity swaps, as the shards."""
+    n = len(labels)
+    index = torch.arange(n, device=labels.device)
+    distance = (index[None, :] - index[:, None]) % n  # 0 for the image itself, then 1, 2, … onwards
+    distance = torch.where(labels[None, :] != labels[:, None], distance, n + distance)
+    distance.fill_diagonal_(2 * n)
+    return distance.argmin(1)
 
 
 def synthetic_losses(logits_prim: torch.Tensor, logits_fine: torch.Tensor, soft: torch.Tensor,

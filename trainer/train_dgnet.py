@@ -37,7 +37,7 @@ from torchvision.transforms import RandomErasing
 from tqdm import tqdm
 
 from generator_service.backbones import BACKBONE_CHANNELS
-from generator_service.checkpoint import load_checkpoint, load_state, save_checkpoint
+from generator_service.checkpoint import Checkpoint, load_state, run_checkpoint, save_checkpoint
 from generator_service.device import autocast, pick_device
 from generator_service.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
 from generator_service.dgnet_nets import reference_init, to_grey
@@ -215,30 +215,37 @@ class DGNetTrainer:
     def __init__(self, cfg: DGNetTrainConfig, out: str | Path, resume: str | Path | None = None,
                  progress: bool = True):
         self.ctx: DistContext = init_distributed()
-        ckpt = load_checkpoint(resume, "dgnet") if resume else None
+        ckpt = Checkpoint.read(resume, "dgnet") if resume else None
         if ckpt is not None and ckpt.get("inference_only"):
             raise ReidgenError(f"{resume} is an inference export (no D, optimiser or RNG state): training cannot "
                                f"resume from it; start a new run from its weights with --init {resume}")
         if ckpt is not None:
-            cfg = config_from_dict(DGNetTrainConfig, ckpt["train_config"])
-        start = load_checkpoint(cfg.init_from, "dgnet") if ckpt is None and cfg.init_from else None
+            cfg = config_from_dict(DGNetTrainConfig, ckpt.train_config)
+        start = Checkpoint.read(cfg.init_from, "dgnet") if ckpt is None and cfg.init_from else None
         if start is not None:  # the weights decide the architecture
-            cfg = replace(cfg, model=config_from_dict(DGNetConfig, start["model_config"]), ea_from_teacher=False)
+            cfg = replace(cfg, model=config_from_dict(DGNetConfig, start.model_config), ea_from_teacher=False)
         self.cfg, self.out, self.progress = cfg, Path(out), progress and self.ctx.is_main
         self.device = pick_device(device_for(self.ctx, cfg.device))
         items = scan_split(cfg.data, "train")
         self.items = items
         self.label_map = LabelMap.from_items(items)
         if ckpt is not None:
-            LabelMap(tuple(ckpt["label_map"])).require_same(self.label_map, f"resuming {resume} on {cfg.data}")
+            LabelMap(ckpt.label_map).require_same(self.label_map, f"resuming {resume} on {cfg.data}")
         if start is not None:
-            LabelMap(tuple(start["label_map"])).require_same(self.label_map, f"--init {cfg.init_from} on {cfg.data}")
+            LabelMap(start.label_map).require_same(self.label_map, f"--init {cfg.init_from} on {cfg.data}")
         if not cfg.teacher:
             raise ReidgenError("a teacher checkpoint is required (train one with reidgen train-reid)")
         if any(not 0 < m <= 1 for m in cfg.milestones):
             raise ReidgenError(f"milestones {list(cfg.milestones)}: expected fractions of the run in (0, 1], "
                                "e.g. 0.6 0.9")
         self.teacher = Teacher(cfg.teacher, self.label_map, self.device)
+        # Recorded in every checkpoint: batch jobs that take the teacher from the checkpoint check
+        # that the file at that path is still the one trained with.
+        self.lineage = {"teacher": {"path": cfg.teacher, "sha256_16": self.teacher.identity}}
+        trained_with = (ckpt.lineage.get("teacher") or {}).get("sha256_16") if ckpt is not None else None
+        if trained_with and trained_with != self.teacher.identity:
+            raise ReidgenError(f"the teacher {cfg.teacher} is not the file {resume} was trained with (content "
+                               f"{self.teacher.identity}, recorded {trained_with}); resume with the original teacher")
 
         torch.manual_seed(cfg.seed)
         # No backbone weights to fetch when a file supplies every weight (ImageNet ResNet-50 may not be on disk).
@@ -297,13 +304,12 @@ class DGNetTrainer:
                      if k.startswith("backbone.")}
             load_state(self.net.ea.backbone, state, f"E_a from the teacher's backbone ({cfg.teacher})")
 
-    def _load_start(self, start: dict) -> None:
+    def _load_start(self, start: Checkpoint) -> None:
         """Every network the file holds, strictly; D keeps its initial weights when the file has none."""
         for name in ("ea", "es", "dec", "dis"):
-            part = {k[len(name) + 1:]: v for k, v in start["model"].items() if k.startswith(name + ".")}
-            if name == "dis" and not part:
+            if name == "dis" and not any(k.startswith("dis.") for k in start.state):
                 continue
-            load_state(getattr(self.net, name), part, f"--init {self.cfg.init_from} ({name})")
+            start.load_into(getattr(self.net, name), prefix=name + ".")
 
     @property
     def optimizers(self):
@@ -462,7 +468,7 @@ class DGNetTrainer:
     def run(self) -> Path:
         cfg, out = self.cfg, self.out
         total = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
-        last = out / "checkpoints" / "last.pt"
+        last = run_checkpoint(out)
         log = None
         if self.ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -531,6 +537,7 @@ class DGNetTrainer:
             "model_config": config_to_dict(self.cfg.model), "train_config": config_to_dict(self.cfg),
             "label_map": self.label_map.to_list(), "model": self.net.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers], "step": self.step, "rng": states,
+            "lineage": self.lineage,
         }
         save_checkpoint(path, "dgnet", payload)
         if self.cfg.keep_checkpoints:

@@ -23,7 +23,6 @@ from reidgen.errors import about
 from reidgen.market import Item, scan_split
 from reidgen.paths import confine, confine_model, resolve_data
 
-
 PLAN_VERSION = b"reidgen-plan-2"  # in the hash: records computed per row, not listed
 
 

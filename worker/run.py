@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from api_schemas.jobs import JobManifest, JobSpec, ModelIdentity, RecordMeta, ShardManifest, SoftLabel, SourceRef
-from generator_service.checkpoint import file_identity, load_checkpoint, resolve_checkpoint
-from generator_service.device import autocast
+from generator_service.checkpoint import Checkpoint, file_identity, resolve_checkpoint
 from generator_service.engine import Engine, ServedModel
 from generator_service.images import UnreadableImage, decode_image, denormalize, encode_image
+from generator_service.synthesis import Synthesizer
+from generator_service.synthesis import top_k as keep_top_k
 from generator_service.teacher import Teacher
 from reidgen.errors import ReidgenError, about, public_error
 from reidgen.market import Item, LabelMap
@@ -46,26 +47,24 @@ class Cancelled(Exception):
 class Runtime:
     """A loaded generator (through the engine) and teacher: made once per process."""
 
-    engine: Engine
-    model: ServedModel
-    teacher: Teacher | None
+    synthesizer: Synthesizer
     label_map: LabelMap
     models: dict[str, ModelIdentity]
 
+    @property
+    def engine(self) -> Engine:
+        return self.synthesizer.engine
+
+    @property
+    def model(self) -> ServedModel:
+        return self.synthesizer.model
+
+    @property
+    def teacher(self) -> Teacher | None:
+        return self.synthesizer.teacher
+
 
 _RUNTIMES: dict[tuple, Runtime] = {}
-
-
-def _teacher_path(spec: JobSpec, train_config: dict, given: Path | None) -> str | Path | None:
-    """The spec's teacher (``given``: where it is), else the one the generator was trained with
-    (a path the checkpoint records: the operator's file, not a client's choice)."""
-    if not spec.soft_labels:
-        return None
-    path = given or train_config.get("teacher") or train_config.get("id_model")
-    if not path:
-        raise public_error(f"checkpoint: {spec.checkpoint} names no teacher; give the spec a teacher or set "
-                           f"soft_labels false")
-    return path
 
 
 def _checkpoint_public(spec: JobSpec) -> str:
@@ -87,26 +86,32 @@ def load_runtime(spec: JobSpec, device: str = "auto", located: Located | None = 
         key = (str(ckpt_path.resolve()), file_identity(ckpt_path), str(located.teacher), spec.soft_labels, device)
         if key in _RUNTIMES:
             return _RUNTIMES[key]
-        meta = load_checkpoint(ckpt_path, ("dgnet", "crgan"))
+        ckpt = Checkpoint.read(ckpt_path, ("dgnet", "crgan"))
         want = "crgan" if spec.kind == "crgan_render" else "dgnet"
-        if meta["kind"] != want:
-            raise ReidgenError(f"{spec.kind} needs a {want} checkpoint; {spec.checkpoint} holds a {meta['kind']} "
+        if ckpt.kind != want:
+            raise ReidgenError(f"{spec.kind} needs a {want} checkpoint; {spec.checkpoint} holds a {ckpt.kind} "
                                f"model")
-        label_map = LabelMap(tuple(meta["label_map"]))
-        teacher_path = _teacher_path(spec, meta.get("train_config") or {}, located.teacher)
-        del meta
-        engine = Engine.from_checkpoint(located.checkpoint, device)
+        label_map = LabelMap(ckpt.label_map)
+        if spec.soft_labels and not located.teacher and not (ckpt.train_config.get("teacher")
+                                                             or ckpt.train_config.get("id_model")):
+            raise public_error(f"checkpoint: {spec.checkpoint} names no teacher; give the spec a teacher or set "
+                               f"soft_labels false")
+        engine = Engine.from_checkpoint(ckpt, device)
     model = next(iter(engine.models.values()))
     models = {"generator": ModelIdentity(checkpoint=str(spec.checkpoint), identity=model.identity)}
     teacher = None
-    if teacher_path:
+    if spec.soft_labels:
+        # The spec's teacher (where ``located`` found it), else the one the generator was trained
+        # with: a path the checkpoint records (the operator's file, not a client's choice), checked
+        # against the content it recorded.
         named = f"named {spec.teacher!r}" if spec.teacher else "that the checkpoint names"
         with about("teacher", "bad_teacher", f"no readable reidgen re-id checkpoint {named}"):
-            teacher = Teacher(teacher_path, label_map, engine.device)
-            models["teacher"] = ModelIdentity(checkpoint=str(spec.teacher or teacher_path),
-                                              identity=file_identity(resolve_checkpoint(teacher_path)))
+            teacher = (Teacher(located.teacher, label_map, engine.device) if located.teacher
+                       else Teacher.recorded_in(ckpt, engine.device))
+        models["teacher"] = ModelIdentity(checkpoint=str(spec.teacher or teacher.path), identity=teacher.identity)
+    del ckpt  # the engine holds the weights now
     _RUNTIMES.clear()  # one model per process: a worker switching jobs frees the previous one
-    _RUNTIMES[key] = Runtime(engine, model, teacher, label_map, models)
+    _RUNTIMES[key] = Runtime(Synthesizer(engine, teacher), label_map, models)
     return _RUNTIMES[key]
 
 
@@ -180,23 +185,14 @@ def _load_batch(plan: Plan, pairs: _ShardPairs, model: ServedModel, indices: lis
 
 def synthesize(runtime: Runtime, appearance: torch.Tensor, structure: torch.Tensor,
                masks: torch.Tensor | None, top_k: int) -> tuple[torch.Tensor, list[SoftLabel | None]]:
-    """Generated images (normalised, on the CPU) and the teacher's top-k soft labels (renormalised)
-    for pairs of source images: what a shard record holds, and what the online feed trains on."""
-    name = runtime.model.name
-    if masks is not None:
-        images, _ = runtime.engine.render_batch(appearance, structure, masks, model=name)
-    else:
-        images = runtime.engine.swap_batch(appearance, structure, model=name)
-    soft: list[SoftLabel | None] = [None] * len(images)
-    if runtime.teacher is not None:
-        device = runtime.engine.device
-        with torch.inference_mode(), autocast(device, runtime.engine.amp):
-            q = runtime.teacher.soft_labels(images.to(device)).float()
-        k = min(top_k, q.shape[1])
-        probs, classes = q.topk(k, dim=1)
-        probs = (probs / probs.sum(1, keepdim=True)).cpu()
-        soft = [SoftLabel(classes=c, probs=p) for c, p in zip(classes.cpu().tolist(), probs.tolist())]
-    return images, soft
+    """What a shard record holds for pairs of source images: the generated images (normalised, on
+    the CPU) and the top-k of the teacher's soft labels (renormalised)."""
+    made = runtime.synthesizer(appearance, structure, masks)
+    soft: list[SoftLabel | None] = [None] * len(made.images)
+    if made.soft is not None:
+        classes, probs = (t.cpu() for t in keep_top_k(made.soft, top_k))
+        soft = [SoftLabel(classes=c, probs=p) for c, p in zip(classes.tolist(), probs.tolist())]
+    return made.images.cpu(), soft
 
 
 def _generate(runtime: Runtime, batch: _Batch, top_k: int) -> tuple[torch.Tensor, list[SoftLabel | None]]:
@@ -209,7 +205,8 @@ def _encode_one(spec: JobSpec, pixels: np.ndarray) -> bytes:
     return encode_image(Image.fromarray(pixels), spec.encoding, spec.jpeg_quality)
 
 
-def _encode_and_write(plan: Plan, pairs: _ShardPairs, runtime: Runtime, writer: ShardWriter, encoders: ThreadPoolExecutor,
+def _encode_and_write(plan: Plan, pairs: _ShardPairs, runtime: Runtime, writer: ShardWriter,
+                      encoders: ThreadPoolExecutor,
                       indices: list[int], images: torch.Tensor, soft: list) -> int:
     spec, lm = plan.spec, runtime.label_map
     pixels = (denormalize(images) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

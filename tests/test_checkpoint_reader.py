@@ -1,0 +1,143 @@
+"""The one checkpoint reader: a file is parsed once, run folders resolve in one place, and a model
+records the teacher it was trained with by content, so a changed teacher file is noticed."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import generator_service.checkpoint as checkpoint_module
+from api_schemas.jobs import JobSpec
+from generator_service.checkpoint import (
+    Checkpoint,
+    file_identity,
+    read_plain,
+    resolve_checkpoint,
+    run_checkpoint,
+    run_folder,
+    save_checkpoint,
+)
+from generator_service.dgnet import DGNet
+from generator_service.reid_model import ReidNet
+from reidgen.errors import ReidgenError
+
+
+def test_run_folders_resolve_in_one_place(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert run_checkpoint(run) == run / "checkpoints" / "last.pt"
+    assert resolve_checkpoint(run) == run_checkpoint(run)
+    assert resolve_checkpoint(tmp_path / "model.pt") == tmp_path / "model.pt"
+    assert run_folder(run_checkpoint(run, "step_0000010.pt")) == run
+    assert run_folder(run) == run
+    assert run_folder(tmp_path / "models" / "market.pt") == tmp_path / "models"
+
+
+def test_a_checkpoint_is_read_once_and_names_its_parts(tiny_dgnet, monkeypatch):
+    reads = []
+    monkeypatch.setattr(checkpoint_module, "read_plain", lambda path, *a: reads.append(path) or read_plain(path, *a))
+    ckpt = Checkpoint.read(tiny_dgnet["dgnet"].parent.parent, "dgnet")  # the run folder
+    net, same = DGNet.from_checkpoint(ckpt)
+    assert same is ckpt and reads == [tiny_dgnet["dgnet"]]
+    assert ckpt.kind == "dgnet" and ckpt.step == 2 and len(ckpt.label_map) == 4
+    assert ckpt.train_config["teacher"] == str(tiny_dgnet["teacher"])
+    assert ckpt.lineage["teacher"] == {"path": str(tiny_dgnet["teacher"]),
+                                       "sha256_16": file_identity(tiny_dgnet["teacher"])}
+    assert not net.training
+    with pytest.raises(ReidgenError, match="holds a 'dgnet' model; expected 'reid'"):
+        ReidNet.from_checkpoint(tiny_dgnet["dgnet"])
+
+
+def test_the_engine_reads_a_checkpoint_it_is_given_no_second_time(tiny_dgnet, monkeypatch):
+    from generator_service.engine import Engine
+
+    ckpt = Checkpoint.read(tiny_dgnet["dgnet"], "dgnet")
+    monkeypatch.setattr(checkpoint_module, "read_plain", lambda *a: pytest.fail("read again"))
+    engine = Engine.from_checkpoint(ckpt, "cpu")
+    (model,) = engine.models.values()
+    assert model.name == "dgnet" and model.identity == file_identity(tiny_dgnet["dgnet"])
+
+
+def _changed_copy(teacher, out):
+    """The teacher's file with one weight nudged: same shapes and classes, other content."""
+    ckpt = read_plain(teacher)
+    key = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][key] = ckpt["model"][key] + 0.01
+    save_checkpoint(out, ckpt.pop("kind"), {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    return out
+
+
+def test_a_batch_job_refuses_soft_labels_from_a_changed_teacher(tiny_dgnet, tmp_path):
+    from worker import run as worker_run
+
+    teacher = shutil.copy(tiny_dgnet["teacher"], tmp_path / "teacher.pt")
+    ckpt = read_plain(tiny_dgnet["dgnet"])
+    ckpt["train_config"]["teacher"] = str(teacher)
+    ckpt["lineage"] = {"teacher": {"path": str(teacher), "sha256_16": file_identity(teacher)}}
+    dgnet = save_checkpoint(tmp_path / "dgnet.pt", "dgnet",
+                            {k: v for k, v in ckpt.items() if k not in ("format", "version", "kind")})
+    spec = JobSpec(kind="dgnet_random_structures", checkpoint=str(dgnet), data=str(tiny_dgnet["data"]))
+    worker_run._RUNTIMES.clear()
+    assert worker_run.load_runtime(spec, "cpu").teacher is not None  # the recorded file: accepted
+
+    _changed_copy(teacher, teacher)
+    worker_run._RUNTIMES.clear()
+    with pytest.raises(ReidgenError, match="has changed since training") as caught:
+        worker_run.load_runtime(spec, "cpu")
+    assert caught.value.code == "bad_teacher"
+    # Without soft labels the teacher does not matter; a teacher named by the spec is the client's choice.
+    worker_run._RUNTIMES.clear()
+    assert worker_run.load_runtime(spec.model_copy(update={"soft_labels": False}), "cpu").teacher is None
+    worker_run._RUNTIMES.clear()
+    assert worker_run.load_runtime(spec.model_copy(update={"teacher": str(teacher)}), "cpu").teacher is not None
+    worker_run._RUNTIMES.clear()
+
+
+def test_resuming_with_a_changed_teacher_is_refused(tiny_dgnet, tmp_path):
+    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+
+    teacher = shutil.copy(tiny_dgnet["teacher"], tmp_path / "teacher.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dgnet_preset_config("small", data=str(tiny_dgnet["data"]), teacher=str(teacher), backbone="small_cnn",
+                                  pretrained="none", workers=0, batch_size=4, grid_every=0, amp=False, iterations=2,
+                                  max_steps=1, checkpoint_every=1, quality_every=0)
+        last = train_dgnet(cfg, tmp_path / "run", progress=False)
+        _changed_copy(teacher, teacher)
+        with pytest.raises(ReidgenError, match="not the file .* was trained with"):
+            train_dgnet(None, tmp_path / "run", resume=last, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cross_identity_partners_are_the_next_image_of_another_person():
+    from trainer.synthetic import cross_identity_partners
+
+    labels = torch.tensor([3, 3, 5, 5, 3, 7])
+    expected = []
+    for i in range(len(labels)):  # the definition, one image at a time
+        others = [j for j in list(range(i + 1, len(labels))) + list(range(i)) if labels[j] != labels[i]]
+        expected.append(others[0])
+    assert cross_identity_partners(labels).tolist() == expected == [2, 2, 4, 4, 5, 0]
+    assert cross_identity_partners(torch.tensor([4, 4, 4])).tolist() == [1, 2, 0]  # one person: the next image
+
+
+def test_the_synthesizer_keeps_dense_soft_labels_and_shards_keep_their_top_k(tiny_dgnet):
+    from generator_service.engine import Engine
+    from generator_service.synthesis import Synthesizer, top_k
+    from generator_service.teacher import Teacher
+
+    ckpt = Checkpoint.read(tiny_dgnet["dgnet"], "dgnet")
+    engine = Engine.from_checkpoint(ckpt, "cpu")
+    synthesizer = Synthesizer(engine, Teacher.recorded_in(ckpt, engine.device))
+    torch.manual_seed(0)
+    a, s = torch.randn(3, 3, 128, 64), torch.randn(3, 3, 128, 64)
+    made = synthesizer(a, s)
+    assert made.images.shape == (3, 3, 128, 64) and made.soft.shape == (3, 4)
+    assert torch.allclose(made.soft.sum(1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(made.images, engine.swap_batch(a, s), atol=1e-6)
+    classes, probs = top_k(made.soft, 2)
+    assert torch.equal(classes, made.soft.topk(2, dim=1).indices)
+    assert torch.allclose(probs.sum(1), torch.ones(3), atol=1e-6)
