@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from reidgen.config import config_to_dict
+from reidgen.config import config_to_dict, parse_settings, setting_names
 from reidgen.errors import ReidgenError
 
 DESCRIPTION = """\
@@ -73,6 +73,12 @@ def _add_reid_training_args(p: argparse.ArgumentParser) -> None:
     y.add_argument("--fine-weight", type=float, help="weight of L_fine (0.4 = 0.2·λ_prim)")
 
 
+def _add_set_option(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help=f"any setting of the run's configuration by name (config.json shows them all), e.g. "
+                        f"--set {example}; repeatable; JSON values (numbers, true/false, lists) are read as such")
+
+
 def _add_gan_run_options(g: argparse._ArgumentGroup) -> None:
     """How a GAN run runs (train-dgnet, train-crgan): seed, hardware, checkpoints, grids."""
     g.add_argument("--seed", type=int)
@@ -85,19 +91,20 @@ def _add_gan_run_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-steps", type=int, help="stop after this many iterations (the schedule keeps --iterations)")
 
 
-def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
-    out = {}
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            out[name] = tuple(value) if isinstance(value, list) else value
+def _overrides(args: argparse.Namespace, preset: object, handled: tuple[str, ...] = ()) -> dict:
+    """The settings the user gave: every option whose name is a setting of the preset's
+    configuration (each option is declared once, in the parser, with the setting's name as its
+    dest), then ``--set KEY=VALUE``; ``handled``: settings the command fills in itself."""
+    names = setting_names(preset) - {"preset", *handled}
+    out = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
+    out.update(parse_settings(getattr(args, "set", None) or [], names))
     return out
 
 
 def cmd_train_reid(args: argparse.Namespace) -> int:
     from reidgen.paths import resolve_data
     from trainer.evaluate import evaluate_checkpoint
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.train_reid import REID_PRESETS, preset_config, train_reid
 
     if args.resume:
         last = train_reid(None, args.out, resume=args.resume)  # type: ignore[arg-type]
@@ -106,15 +113,11 @@ def cmd_train_reid(args: argparse.Namespace) -> int:
         if not args.data:
             raise ReidgenError("--data is required (a Market-style folder or a data set name)")
         data = str(resolve_data(args.data))
-        fields = ["backbone", "pretrained", "last_stride", "image_size", "epochs", "batch_size", "sampler", "p",
-                  "k", "lr", "backbone_lr_mult", "warmup_epochs", "milestones", "gamma", "erasing_p", "seed",
-                  "workers", "max_steps", "checkpoint_every", "keep_checkpoints", "device", "amp",
-                  "strict_images", "evaluate", "init", "online_render", "online_generator", "synthetic_ratio",
-                  "prim_weight", "fine_weight"]
         extra = {k: str(resolve_data(getattr(args, k))) for k in ("target", "eval_data") if getattr(args, k)}
         if args.shards:
             extra["shards"] = tuple(str(Path(d).resolve()) for d in args.shards)
-        cfg = preset_config(args.preset, data=data, **_overrides(args, fields), **extra)
+        overrides = _overrides(args, REID_PRESETS[args.preset], handled=("data", "target", "eval_data", "shards"))
+        cfg = preset_config(args.preset, data=data, **overrides, **extra)
         last = train_reid(cfg, args.out)
         saved = config_to_dict(cfg)
     print(f"checkpoint: {last}")
@@ -142,22 +145,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_dgnet(args: argparse.Namespace) -> int:
     from reidgen.paths import resolve_data
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+    from trainer.train_dgnet import DGNET_TRAIN_PRESETS, dgnet_preset_config, train_dgnet
 
     if args.resume:
         last = train_dgnet(None, args.out, resume=args.resume)
     else:
         if not args.data or not args.teacher:
             raise ReidgenError("--data and --teacher are required (the teacher comes from reidgen train-reid)")
-        fields = ["backbone", "pretrained", "iterations", "batch_size", "lr_ea", "lr_gen", "feed", "feed_start",
-                  "ramp", "ramp_code_loss", "ramp_id_cross", "detach_appearance_code", "cycle_max", "adv", "id_cross", "seed",
-                  "workers",
-                  "device", "amp", "checkpoint_every", "keep_checkpoints", "grid_every", "max_steps",
-                  "strict_images", "ea_from_teacher", "id_cross_trains_ea", "feed_trains_generator",
-                  "structure_target_grad", "encode_again_p", "fine_on_real", "sum_over_loaders", "init",
-                  "quality_every", "cpu_bf16", "milestones", "init_from"]
         cfg = dgnet_preset_config(args.preset, data=str(resolve_data(args.data)), teacher=args.teacher,
-                                  **_overrides(args, fields))
+                                  **_overrides(args, DGNET_TRAIN_PRESETS[args.preset], handled=("data", "teacher")))
         last = train_dgnet(cfg, args.out)
     print(f"checkpoint: {last}")
     return 0
@@ -165,7 +161,7 @@ def cmd_train_dgnet(args: argparse.Namespace) -> int:
 
 def cmd_train_crgan(args: argparse.Namespace) -> int:
     from reidgen.paths import resolve_data
-    from trainer.train_crgan import crgan_preset_config, train_crgan
+    from trainer.train_crgan import CRGAN_TRAIN_PRESETS, crgan_preset_config, train_crgan
 
     if args.resume:
         last = train_crgan(None, args.out, resume=args.resume)
@@ -173,12 +169,9 @@ def cmd_train_crgan(args: argparse.Namespace) -> int:
         if not (args.source and args.target and args.id_model):
             raise ReidgenError("--source, --target and --id-model are required (the identity model comes from "
                                "reidgen train-reid on the source)")
-        fields = ["masks", "mask_model", "mask_cache", "iterations", "batch_size", "lr", "cam_epochs",
-                  "dual_condition", "con_loss", "binary_masks", "seed", "workers", "device", "amp", "checkpoint_every", "keep_checkpoints",
-                  "grid_every", "max_steps"]
+        overrides = _overrides(args, CRGAN_TRAIN_PRESETS[args.preset], handled=("source", "target", "id_model"))
         cfg = crgan_preset_config(args.preset, source=str(resolve_data(args.source)),
-                                  target=str(resolve_data(args.target)), id_model=args.id_model,
-                                  **_overrides(args, fields))
+                                  target=str(resolve_data(args.target)), id_model=args.id_model, **overrides)
         last = train_crgan(cfg, args.out)
     print(f"checkpoint: {last}")
     return 0
@@ -542,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a re-id classifier (backbone → pooling → 512 bottleneck + BN → dropout → "
                                    "classifier) with cross-entropy and SGD (warm-up, step decay). Writes checkpoints "
                                    "that resume exactly, metrics.jsonl, metrics.png and, after training, eval.json.")
+    _add_set_option(p, "bottleneck=256")
     _add_reid_training_args(p)
     p.set_defaults(func=cmd_train_reid)
 
@@ -568,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exactly, metrics.jsonl (every loss, every iteration), metrics.png and image grids "
                                    "under grids/ (rows: a, b, reconstruction, positive swap, a on b, b on a). "
                                    "Several GPUs: torchrun --nproc_per_node N -m reidgen train-dgnet ...")
+    _add_set_option(p, "id_cross=1.0")
     p.add_argument("--data", help="training data: a Market-style folder or a data set name")
     p.add_argument("--teacher", help="baseline checkpoint (reidgen train-reid) giving the soft labels")
     p.add_argument("--init", dest="init_from", metavar="CKPT",
@@ -640,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and the dual-conditional generator. Person masks are computed once and cached "
                                    "(RUN/masks by default). Grids under grids/: source, target, masked target, "
                                    "context mask, rendering.")
+    _add_set_option(p, "lambda_con=2")
     p.add_argument("--source", help="labelled source data set (Market-style)")
     p.add_argument("--target", help="target data set (its train split; only camera ids are used)")
     p.add_argument("--id-model", help="D_id: baseline re-id checkpoint trained on the source (train-reid)")
@@ -765,10 +761,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP service: swap, render, interpolate (FastAPI, dynamic batching)",
                        description="Serve the DG-Net and CR-GAN checkpoints of a models folder (NAME.pt files or run "
-                                   "folders) over HTTP: /v1/swap, /v1/render, /v1/interpolate, /v1/models, /v1/healthz, "
-                                   "/v1/readyz, /v1/metrics; OpenAPI at /docs. Binds 127.0.0.1 unless --host says "
-                                   "otherwise. With an API key (--api-key-file or $REIDGEN_API_KEY) every endpoint but "
-                                   "health and readiness requires it (X-API-Key or Authorization: Bearer).")
+                                   "folders) over HTTP: /v1/swap, /v1/render, /v1/interpolate, /v1/models, "
+                                   "/v1/healthz, /v1/readyz, /v1/metrics; OpenAPI at /docs. Binds 127.0.0.1 unless "
+                                   "--host says otherwise. With an API key (--api-key-file or $REIDGEN_API_KEY) every "
+                                   "endpoint but health and readiness requires it (X-API-Key or Authorization: "
+                                   "Bearer).")
     p.add_argument("--models", "--models-root", dest="models", required=True,
                    help="folder of checkpoints or run folders: the models served, and the models root a job's "
                         "checkpoint and teacher are named under")
@@ -892,7 +889,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write (e.g. models/market.pt)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import-reid", help="the DG-Net reference's baseline teacher (net_last.pth) as a re-id checkpoint",
+    p = sub.add_parser("import-reid",
+                       help="the DG-Net reference's baseline teacher (net_last.pth) as a re-id checkpoint",
                        description="Import a baseline ResNet-50 classifier of the DG-Net reference / "
                                    "Person_reID_baseline (ft_net: torchvision ResNet-50 under 'model.', ClassBlock "
                                    "head under 'classifier.') as a reidgen re-id checkpoint, for use as a teacher "

@@ -7,6 +7,8 @@ named presets with field overrides that find their way into nested configuration
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import typing
 from typing import Any, TypeVar
 
@@ -58,6 +60,39 @@ def with_overrides(cfg: T, **overrides) -> T:
         inner = direct.get(nested[0], getattr(cfg, nested[0]))
         direct[nested[0]] = dataclasses.replace(inner, **{key: overrides[key]})
     return dataclasses.replace(cfg, **direct)
+
+
+def setting_names(cfg: Any) -> set[str]:
+    """The names `with_overrides` accepts for ``cfg``: its own fields and those of its nested
+    configurations (one level, as `with_overrides` resolves them)."""
+    names = set()
+    for f in dataclasses.fields(cfg):
+        names.add(f.name)
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            names |= {g.name for g in dataclasses.fields(value)}
+    return names
+
+
+def parse_settings(pairs: list[str], names: set[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (``--set``) as overrides. A value is read as JSON when it is JSON
+    (numbers, true/false, null, lists, which become tuples), else taken as a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ReidgenError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set id_cross=1.0")
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ReidgenError(f"--set {pair!r}: no setting named {key!r}{hint} (the run's config.json lists them)")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def from_preset(presets: dict[str, T], name: str, **overrides) -> T:
