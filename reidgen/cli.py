@@ -654,9 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-dual-condition", dest="dual_condition", action="store_false", default=None,
                    help="the paper's 'w/o dual condition' ablation: the generator sees only the source")
     g.add_argument("--con-loss", choices=["mean_square", "l2", "rms"],
-                   help="form of the context loss L_con: mean_square (mean of the masked squared errors over all "
-                        "pixels), l2 (the paper's Eq. 6 literally: Euclidean norms of the masked differences per "
-                        "image), rms (those norms / sqrt(C·H·W))")
+                   help="form of the context loss L_con: l2 (default; the paper's Eq. 6 literally: Euclidean "
+                        "norms of the masked differences per image), mean_square (mean of the masked squared errors "
+                        "over all pixels, the form before issue 14), rms (the l2 norms / sqrt(C·H·W))")
     g.add_argument("--binary-masks", action="store_true", default=None,
                    help="threshold the person masks at 0.5 (the paper's binary parsing masks) instead of soft masks")
     _add_gan_run_options(g)

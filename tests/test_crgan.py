@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from reidgen.market import link_subset
 from PIL import Image
 
 from generator_service.crgan import ContextRenderer
@@ -21,6 +20,7 @@ from generator_service.crgan_nets import (
 )
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
+from reidgen.market import link_subset
 from trainer.runlog import read_jsonl
 from trainer.train_crgan import CRGANTrainer, context_loss, crgan_preset_config, train_crgan
 from trainer.train_reid import preset_config, train_reid
@@ -91,7 +91,8 @@ def test_short_training_lowers_context_loss(crgan_run):
     assert len(steps) == 80
     first = sum(r["l_con"] for r in steps[:10]) / 10
     last = sum(r["l_con"] for r in steps[-10:]) / 10
-    assert last < 0.7 * first, (first, last)
+    # the default L_con is the paper's norm, which falls as the square root of the squared error
+    assert last < 0.8 * first, (first, last)
     assert [r["g_updates"] for r in steps[:40]] == [1] * 40 and steps[-1]["g_updates"] == 2
     assert any(r.get("event") == "d_cam" for r in records)
     assert sorted(p.name for p in (crgan_run / "grids").iterdir()) == ["step_0000040.png", "step_0000080.png"]

@@ -172,7 +172,10 @@ def test_set_diversity_tells_one_texture_from_following_the_targets(pairs):
     xs, soft, xt, texture = pairs
     mask = torch.from_numpy(binarize(soft.numpy())).float()
     follow, same = _paste(xs, mask, xt), _paste(xs, mask, texture.expand_as(xt))
-    as_features = lambda images: images.flatten(2)  # pixels as the features: S×k×d
+
+    def as_features(images):  # pixels as the features: S×k×d
+        return images.flatten(2)
+
     set_pairs = cross_source_pairs(len(xs), K, seed=0)
     assert pairwise_feature_distance(as_features(same)).abs().max() == 0
     same_set = set_feature_distance(as_features(same), set_pairs)

@@ -26,8 +26,9 @@ the generator never saw in training), so n = S·k renderings, and measures:
   weights, the normalised space of the training loss L_con).
 
 And a few diagnostics that say where instance guidance is lost: the background L1 to the own
-target, to the other targets and to the source's own background, how much the k renderings of a source differ outside the person (against
-how much their targets differ there), and the mean context mask X_C on and off the person.
+target, to the other targets and to the source's own background, how much the k renderings of a
+source differ outside the person (against how much their targets differ there), and the mean
+context mask X_C on and off the person.
 
 Masks come from the provider the model was trained with, cached like the trainer's (the run's
 mask cache, ``source``/``target`` folders; other data sets get their own folder).
@@ -87,7 +88,7 @@ def background_distances(renderings: torch.Tensor, targets: torch.Tensor,
     source_masks: S×1×H×W (1 = person). Returns S×k×k."""
     background = (1 - source_masks)[:, None]  # S×1×1×H×W, broadcast over the k renderings
     k = targets.shape[1]
-    return torch.stack([masked_l1(renderings, targets[:, l:l + 1], background) for l in range(k)], dim=-1)
+    return torch.stack([masked_l1(renderings, targets[:, j:j + 1], background) for j in range(k)], dim=-1)
 
 
 def own_target_hits(distances: torch.Tensor) -> torch.Tensor:
@@ -396,11 +397,12 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
     picked_targets, floor = spread_targets[:count * k], spread_targets[count * k:2 * count * k]
 
     provider_name = train.get("masks") or "pose"
-    opts = {"model_path": train["mask_model"]} if train.get("mask_model") and provider_name in ("pose", "selfie") else {}
+    opts = ({"model_path": train["mask_model"]} if train.get("mask_model") and provider_name in ("pose", "selfie")
+            else {})
     provider = build_mask_provider(provider_name, **opts)
     mask_root = Path(train["mask_cache"]) if train.get("mask_cache") else run_folder(path) / "masks"
-    source_cache, _ = ensure_masks(provider, picked_sources, _mask_folder(mask_root, "source", source, train.get("source")),
-                                   progress=progress)
+    source_folder = _mask_folder(mask_root, "source", source, train.get("source"))
+    source_cache, _ = ensure_masks(provider, picked_sources, source_folder, progress=progress)
     target_cache, _ = ensure_masks(provider, picked_targets,
                                    _mask_folder(mask_root, "target", targets, train.get("target")), progress=progress)
 
@@ -500,7 +502,8 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
 DESCRIPTIONS = {
     "own_target_match": "share of renderings whose nearest background (off the source's person, L1) "
                         "among the source's k targets is their own (chance 1/k)",
-    "diversity_inception": "mean Inception-feature distance between the k renderings of a source (higher = more varied)",
+    "diversity_inception": "mean Inception-feature distance between the k renderings of a source "
+                           "(higher = more varied)",
     "diversity_inception_real": "the same between their k real targets",
     "diversity_lpips": "mean LPIPS (AlexNet) between the k renderings of a source",
     "diversity_lpips_real": "the same between their k real targets",

@@ -67,7 +67,8 @@ class CRGANTrainConfig:
     lambda_id: float = 1.0
     lambda_cam: float = 1.0
     lambda_con: float = 5.0
-    con_loss: str = "mean_square"     # mean_square | l2 (paper Eq. 6, literal) | rms (l2 / sqrt(C·H·W))
+    # l2 (paper Eq. 6, literal) | mean_square (before issue 14) | rms (l2 / sqrt(C·H·W))
+    con_loss: str = "l2"
     binary_masks: bool = False        # threshold the person masks at 0.5 (the paper's binary masks)
     cam_epochs: int = 3               # D_cam pre-training on the target's camera labels
     cam_lr: float = 1e-3
@@ -139,7 +140,8 @@ class CRGANTrainer:
                  progress: bool = True):
         ckpt = load_checkpoint(resume, "crgan") if resume else None
         if ckpt is not None:
-            cfg = config_from_dict(CRGANTrainConfig, ckpt["train_config"])
+            # a run from before --con-loss trained with the mean of squares: it resumes with it
+            cfg = config_from_dict(CRGANTrainConfig, {"con_loss": "mean_square", **ckpt["train_config"]})
         assert cfg is not None
         if not cfg.id_model:
             raise ReidgenError("--id-model is required: a baseline re-id model trained on the source (train-reid)")

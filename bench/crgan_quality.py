@@ -1,0 +1,99 @@
+"""Collect bench/results/crgan_quality.json: CR-GAN instance guidance of a long CPU run (issue 14).
+
+It runs nothing heavy itself: it reads the ``reidgen quality`` JSON files already written for the
+run's checkpoints (``--dual``: the long run's final checkpoint, ``--intermediate``: earlier ones;
+``--no-dual``: the ``--no-dual-condition`` run, ``--dual-same-budget``: the dual run of the same
+budget as that one) and the runs' ``metrics.jsonl`` (iterations, wall-clock minutes), and writes
+one record with the figures the issue asks for and the commands that made them.
+
+    python bench/crgan_quality.py --dual runs/crgan_long/quality.json \\
+        --intermediate runs/crgan_long/quality_step_1000.json \\
+        --no-dual runs/crgan_x_nodual/quality.json --dual-same-budget runs/crgan_x_l2/quality.json \\
+        --commands-file runs/crgan_long/commands.txt
+
+Each quality file must be of a CR-GAN checkpoint (``kind`` crgan); the run folder is taken from
+the checkpoint path it records (RUN/checkpoints/*.pt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import write_results  # noqa: E402
+
+KEPT = ("own_target_match", "own_target_match_chance", "diversity_inception", "diversity_inception_real",
+        "diversity_inception_set", "diversity_inception_set_real", "diversity_lpips", "diversity_lpips_set",
+        "identity_preservation", "identity_real", "fid", "fid_real", "kid", "kid_real", "foreground_l1",
+        "background_l1_own", "background_l1_other", "background_l1_source", "spread_l1", "spread_l1_targets",
+        "context_mask_person", "context_mask_background", "k", "n", "sources", "step", "seed", "seconds",
+        "checkpoint", "dual_condition")
+
+
+def run_facts(report: dict) -> dict:
+    """Iterations and wall-clock minutes of the run a quality report's checkpoint comes from."""
+    run = Path(report["checkpoint"]).resolve().parent.parent
+    config = json.loads((run / "config.json").read_text())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "l_con" in r and r.get("step", 0) <= (report.get("step") or 0)]
+    minutes = (steps[-1]["time"] - records[0]["time"]) / 60 if steps else None
+    return {"run": str(run), "iterations_planned": config["iterations"], "iterations_done": report.get("step"),
+            "minutes_to_this_checkpoint": round(minutes, 1) if minutes is not None else None,
+            "con_loss": config.get("con_loss", "mean_square"), "binary_masks": config.get("binary_masks", False),
+            "dual_condition": config["model"]["dual_condition"], "batch_size": config["batch_size"],
+            "lr": config["lr"], "id_model": config["id_model"]}
+
+
+def load(path: str) -> dict:
+    report = json.loads(Path(path).read_text())
+    if report.get("kind") != "crgan":
+        raise SystemExit(f"{path} is not a CR-GAN quality report (reidgen quality on a train-crgan checkpoint)")
+    return {"quality_file": str(path), **run_facts(report), **{k: report.get(k) for k in KEPT}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dual", required=True, help="quality JSON of the long run's final checkpoint")
+    ap.add_argument("--intermediate", nargs="*", default=[], help="quality JSONs of its earlier checkpoints")
+    ap.add_argument("--no-dual", help="quality JSON of the --no-dual-condition run")
+    ap.add_argument("--dual-same-budget", help="quality JSON of the dual run with the no-dual run's budget")
+    ap.add_argument("--commands-file", help="text file with the commands that made the runs and reports")
+    ap.add_argument("--out", help="default bench/results/crgan_quality.json")
+    args = ap.parse_args()
+
+    final = load(args.dual)
+    payload = {
+        "own_target_match": final["own_target_match"],
+        "own_target_match_chance": final["own_target_match_chance"],
+        "diversity": {"across_targets_inception": final["diversity_inception"],
+                      "set_pairs_inception": final["diversity_inception_set"],
+                      "lpips": final["diversity_lpips"], "set_pairs_lpips": final["diversity_lpips_set"]},
+        "identity_preservation": final["identity_preservation"], "identity_real": final["identity_real"],
+        "iterations": final["iterations_done"], "minutes": final["minutes_to_this_checkpoint"],
+        "long_run": final,
+        "intermediate": [load(p) for p in args.intermediate],
+    }
+    if args.no_dual:
+        nodual = load(args.no_dual)
+        payload["diversity_no_dual_condition"] = {
+            "across_targets_inception": nodual["diversity_inception"],
+            "set_pairs_inception": nodual["diversity_inception_set"],
+            "lpips": nodual["diversity_lpips"], "set_pairs_lpips": nodual["diversity_lpips_set"]}
+        payload["ablation"] = {"no_dual_condition": nodual,
+                               "dual_same_budget": load(args.dual_same_budget) if args.dual_same_budget else None}
+    payload["reid"] = None  # issue 14 item 4 (three seeds of re-id) was not run in this session
+    payload["diversity_note"] = (
+        "across_targets: mean distance between the k renderings of one source (0 by construction when the "
+        "generator ignores the target); set_pairs: random pairs of renderings of different sources, one partner "
+        "per rendering (comparable between the dual and the no-dual model)")
+    if args.commands_file:
+        payload["commands"] = [line for line in Path(args.commands_file).read_text().splitlines() if line.strip()]
+    write_results("crgan_quality", payload, path=Path(args.out) if args.out else None)
+
+
+if __name__ == "__main__":
+    main()
