@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--intermediate", nargs="*", default=[], help="quality JSONs of its earlier checkpoints")
     ap.add_argument("--no-dual", help="quality JSON of the --no-dual-condition run")
     ap.add_argument("--dual-same-budget", help="quality JSON of the dual run with the no-dual run's budget")
+    ap.add_argument("--compare", nargs="*", default=[],
+                    help="quality JSONs of runs with one setting changed, same budget (e.g. --con-loss mean_square)")
     ap.add_argument("--commands-file", help="text file with the commands that made the runs and reports")
     ap.add_argument("--out", help="default bench/results/crgan_quality.json")
     args = ap.parse_args()
@@ -76,6 +78,7 @@ def main() -> None:
         "iterations": final["iterations_done"], "minutes": final["minutes_to_this_checkpoint"],
         "long_run": final,
         "intermediate": [load(p) for p in args.intermediate],
+        "compared": [load(p) for p in args.compare],
     }
     if args.no_dual:
         nodual = load(args.no_dual)
