@@ -20,6 +20,7 @@ demo: install
 	$(BIN)/reidgen demo --data $(DATA) --out $(DEMO_OUT)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # Benchmarks write JSON to bench/results/; run them on an otherwise idle machine.
