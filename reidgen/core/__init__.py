@@ -1,0 +1,1 @@
+"""What every reidgen package builds on and that needs no torch: settings (environment variables)."""
