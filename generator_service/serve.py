@@ -11,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 from pathlib import Path
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from generator_service.app import Settings, create_app
 from generator_service.engine import Engine
+from reidgen.core.settings import ServiceSettings
 from reidgen.errors import ReidgenError
 
 log = logging.getLogger("reidgen.service")
 
-API_KEY_ENV = "REIDGEN_API_KEY"
+API_KEY_ENV = ServiceSettings.env_name("api_key")
 MAX_HEAD_BYTES = 64 * 1024  # h11's cap on a request head (and on any other incomplete event)
 
 
@@ -38,8 +38,8 @@ def read_api_key(api_key_file: str | Path | None = None) -> str | None:
         if not key:
             raise ReidgenError(f"the API key file {path} is empty")
         return key
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    return key or None
+    key = ServiceSettings.from_env().api_key
+    return (key.get_secret_value().strip() or None) if key else None
 
 
 def _is_loopback(host: str) -> bool:

@@ -325,12 +325,11 @@ def _add_root_args(p: argparse.ArgumentParser, models: bool) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
     from generator_service.serve import serve
+    from reidgen.core.settings import WorkerSettings
 
     jobs = None
-    if args.jobs if args.jobs is not None else bool(os.environ.get("REDIS_URL")):
+    if args.jobs if args.jobs is not None else WorkerSettings.from_env().redis_url_is_set:
         from worker.jobs import CeleryJobs
 
         jobs = CeleryJobs()
@@ -423,24 +422,16 @@ def _follow(job_id: str) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import os
-
-    if args.device:
-        os.environ["REIDGEN_DEVICE"] = args.device
-    if args.threads:
-        os.environ["REIDGEN_TORCH_THREADS"] = str(args.threads)
-    if args.queue:
-        os.environ["REIDGEN_QUEUE"] = args.queue
-    # The roots and timings go to the pool processes through the environment (Settings.from_env).
-    for flag, var in (("models_root", "REIDGEN_MODELS_ROOT"), ("data_root", "REIDGEN_DATA"),
-                      ("shards_root", "REIDGEN_SHARDS_ROOT"), ("heartbeat", "REIDGEN_HEARTBEAT_S"),
-                      ("lease", "REIDGEN_LEASE_S")):
-        if getattr(args, flag) is not None:
-            os.environ[var] = str(getattr(args, flag))
     from generator_service.app import Settings
-    from worker.celery_app import app, queue_name, redo_queue_name
+    from reidgen.core.settings import WorkerSettings
+    from worker.celery_app import app, queue_name, redo_queue_name, use_settings
 
-    Settings.from_env()  # bad timings fail here, in one line, not in every task
+    # The flags over the environment, installed before the pool forks: every pool process has them.
+    settings = WorkerSettings.from_env(device=args.device, torch_threads=args.threads, queue=args.queue,
+                                       models_root=args.models_root, data_root=args.data_root,
+                                       shards_root=args.shards_root, heartbeat_s=args.heartbeat, lease_s=args.lease)
+    Settings.from_env(worker=settings)  # bad timings fail here, in one line, not in every task
+    use_settings(settings)
 
     argv = ["worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency), "--pool", "prefork",
             "--queues", f"{queue_name()},{redo_queue_name()}", "--without-gossip", "--without-mingle"]
@@ -780,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batching", action="store_true", help="run every request alone (for comparison)")
     p.add_argument("--max-images", type=int, default=16, help="images per request")
     p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="pixels per input image")
-    p.add_argument("--timeout", type=float, default=30.0, help="per-request deadline in seconds")
+    p.add_argument("--timeout", type=float,
+                   help="per-request deadline in seconds (default $REIDGEN_REQUEST_TIMEOUT_S or 30)")
     p.add_argument("--masks", choices=["pose", "selfie", "geometric"],
                    help="person masks of /v1/render's target images (default: what the CR-GAN was trained with)")
     p.add_argument("--jobs", action=argparse.BooleanOptionalAction, default=None,

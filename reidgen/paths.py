@@ -1,17 +1,15 @@
-"""Where the data lives: ``REIDGEN_DATA``, else ``../shared/data`` beside the checkout."""
+"""Where the data lives (``REIDGEN_DATA``, `CommonSettings.data_root`), and names under a server's roots."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from reidgen.core.settings import CommonSettings
 from reidgen.errors import ReidgenError
-
-_REPO = Path(__file__).resolve().parents[1]
 
 
 def data_root() -> Path:
-    env = os.environ.get("REIDGEN_DATA")
-    return Path(env) if env else (_REPO.parent / "shared" / "data")
+    """``$REIDGEN_DATA``, else ``../shared/data`` beside the checkout."""
+    return CommonSettings.from_env().data_root
 
 
 def resolve_data(name_or_path: str | Path) -> Path:

@@ -15,8 +15,9 @@ Reliability settings, and why:
   (`worker.jobs`); the old message, when it comes back, finds the shard done.
 - time limits are set per task by the submitter from the shard size (`shard_time_limits`).
 
-``$REIDGEN_REDIS_PREFIX`` prefixes every Redis key (queues and job records), so several
-deployments or test runs can share one Redis.
+The variables are fields of `WorkerSettings` (``reidgen/core/settings.py``); ``reidgen worker``
+installs its flags over them with `use_settings`. ``$REIDGEN_REDIS_PREFIX`` prefixes every Redis
+key (queues and job records), so several deployments or test runs can share one Redis.
 
 A Redis with a password (the compose deployment's): ``$REDIS_PASSWORD_FILE`` names a file holding
 it (a Docker secret), and `redis_url` puts it into ``$REDIS_URL``. The password so stays out of
@@ -25,24 +26,39 @@ Flower, the health probe) gets its URL from `redis_url`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery import Celery
 
+from reidgen.core.settings import WorkerSettings
 from reidgen.errors import ReidgenError
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_QUEUE = "reidgen-shards"
-REDIS_PASSWORD_FILE_ENV = "REDIS_PASSWORD_FILE"
-SECONDS_PER_IMAGE = float(os.environ.get("REIDGEN_SECONDS_PER_IMAGE", "2.0"))  # generous CPU worst case
+REDIS_PASSWORD_FILE_ENV = WorkerSettings.env_name("redis_password_file")
+_installed: WorkerSettings | None = None
 
 
-def redis_url() -> str:
+def worker_settings() -> WorkerSettings:
+    """This process's worker settings: those `use_settings` installed (``reidgen worker``: its
+    flags over the environment; its pool processes are forked from it and inherit them), else the
+    environment's, read now (so a test's or a job client's environment counts)."""
+    return _installed if _installed is not None else WorkerSettings.from_env()
+
+
+def use_settings(settings: WorkerSettings) -> None:
+    """Make ``settings`` this process's worker settings and apply them to `app` (broker, queue,
+    key prefix, visibility timeout); before the worker starts, so that its pool inherits them."""
+    global _installed
+    _installed = settings
+    app.conf.update(_celery_conf(settings))
+
+
+def redis_url(settings: WorkerSettings | None = None) -> str:
     """``$REDIS_URL``, with the password of ``$REDIS_PASSWORD_FILE`` in it when that is set."""
-    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
-    password_file = os.environ.get(REDIS_PASSWORD_FILE_ENV)
+    settings = settings or worker_settings()
+    password_file = settings.redis_password_file
+    url = settings.redis_url
     return with_password(url, read_redis_password(password_file)) if password_file else url
 
 
@@ -80,25 +96,18 @@ def with_password(url: str, password: str) -> str:
 
 
 def key_prefix() -> str:
-    return os.environ.get("REIDGEN_REDIS_PREFIX", "reidgen:")
+    return worker_settings().redis_prefix
 
 
 def redis_retry_s() -> float:
     """How long a worker keeps retrying a call to a job record while Redis is unreachable (a
     restart, a failover) before the shard fails with ``job_store_unavailable``:
     ``$REIDGEN_REDIS_RETRY_S``, default 60 s."""
-    raw = os.environ.get("REIDGEN_REDIS_RETRY_S", "60")
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise ReidgenError(f"REIDGEN_REDIS_RETRY_S must be a number of seconds, 0 or more, not {raw!r}")
-    return value
+    return worker_settings().redis_retry_s
 
 
 def queue_name() -> str:
-    return os.environ.get("REIDGEN_QUEUE", DEFAULT_QUEUE)
+    return worker_settings().queue
 
 
 def redo_queue_name() -> str:
@@ -110,19 +119,29 @@ def redo_queue_name() -> str:
 
 def shard_time_limits(shard_size: int) -> tuple[int, int]:
     """(soft, hard) seconds for one shard: a fixed start-up allowance plus a per-image budget."""
-    soft = int(120 + shard_size * SECONDS_PER_IMAGE)
+    soft = int(120 + shard_size * worker_settings().seconds_per_image)
     return soft, soft + 60
 
 
-def make_app() -> Celery:
-    app = Celery("reidgen", broker=redis_url(), include=["worker.tasks"])
+def _celery_conf(settings: WorkerSettings) -> dict[str, Any]:
+    """What of the Celery configuration comes from the worker settings."""
+    return {
+        "broker_url": redis_url(settings),
+        "task_default_queue": settings.queue,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s,
+                                     "global_keyprefix": settings.redis_prefix},
+    }
+
+
+def make_app(settings: WorkerSettings | None = None) -> Celery:
+    """The Celery app, configured from ``settings`` (default: `worker_settings`)."""
+    app = Celery("reidgen", include=["worker.tasks"])
     max_hard = 24 * 3600
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,           # progress lives in the job record (worker.jobs), not results
-        task_default_queue=queue_name(),
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
@@ -130,10 +149,7 @@ def make_app() -> Celery:
         # Upper bounds; each task gets limits sized to its shard when it is sent.
         task_soft_time_limit=max_hard - 60,
         task_time_limit=max_hard,
-        broker_transport_options={
-            "visibility_timeout": int(os.environ.get("REIDGEN_VISIBILITY_TIMEOUT", "7200")),
-            "global_keyprefix": key_prefix(),
-        },
+        **_celery_conf(settings or worker_settings()),
     )
     return app
 

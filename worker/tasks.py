@@ -14,7 +14,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from api_schemas.jobs import JobError, JobSpec
 from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_message
-from worker.celery_app import app
+from worker.celery_app import app, worker_settings
 from worker.jobs import LIVE, Heartbeat, JobStore, JobStoreUnavailable, Watchdog, dispatch
 from worker.plans import locate
 from worker.run import Cancelled, generate_shard, load_runtime
@@ -28,7 +28,7 @@ _watchdog: Watchdog | None = None
 def _init_process(**_):
     """Per pool process, after the fork: thread count, and a fresh Redis connection."""
     global _store
-    threads = int(os.environ.get("REIDGEN_TORCH_THREADS", "0"))
+    threads = worker_settings().torch_threads
     if threads:
         torch.set_num_threads(threads)
     _store = None
@@ -53,11 +53,11 @@ def client_error(exc: BaseException, index: int) -> JobError:
 
 
 def settings():
-    """This worker's `Settings` (roots, heartbeat and lease) from the environment that
-    `reidgen worker` sets from its flags."""
+    """This worker's `Settings` (roots, heartbeat and lease) from its `WorkerSettings`: those
+    `reidgen worker` installed from its flags and the environment (`worker.celery_app.use_settings`)."""
     from generator_service.app import Settings
 
-    return Settings.from_env()
+    return Settings.from_env(worker=worker_settings())
 
 
 def _record_failure(jobs: JobStore, job_id: str, index: int, exc: BaseException) -> None:
@@ -94,7 +94,7 @@ def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int)
     worker = f"{getattr(self.request, 'hostname', None) or 'local'}:{os.getpid()}"
     jobs.shard_started(job_id, index, worker, config.lease_s)
     spec = JobSpec.model_validate_json(spec_json)
-    device = os.environ.get("REIDGEN_DEVICE", "auto")
+    device = worker_settings().device
     try:
         with Heartbeat(jobs, job_id, index, config.heartbeat_s, config.lease_s, worker):
             located = locate(spec, out, config)  # this worker's roots: a name outside them fails the job
