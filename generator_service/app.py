@@ -22,7 +22,6 @@ import base64
 import binascii
 import hmac
 import logging
-import os
 import re
 import time
 import uuid
@@ -89,8 +88,8 @@ from generator_service.images import (
     to_pil,
 )
 from generator_service.kinds import PRESETS, InterpolateItem, RenderItem, SwapItem
+from reidgen.core.settings import REQUEST_TIMEOUT_S, ServiceSettings, WorkerSettings
 from reidgen.errors import ReidgenError, public_message
-from reidgen.paths import data_root
 
 log = logging.getLogger("reidgen.service")
 
@@ -100,17 +99,11 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
-ENV_MODELS_ROOT = "REIDGEN_MODELS_ROOT"
-ENV_SHARDS_ROOT = "REIDGEN_SHARDS_ROOT"
-ENV_HEARTBEAT = "REIDGEN_HEARTBEAT_S"
-ENV_LEASE = "REIDGEN_LEASE_S"
-
-
 @dataclass
 class Settings:
     """The settings of one deployment, for `reidgen serve` and `reidgen worker` alike (the models
-    and batching live in the `Engine`). Flags fill them; `from_env` gives the environment's
-    defaults (what a worker's pool processes read)."""
+    and batching live in the `Engine`). Flags fill them; `from_env` takes the rest from the
+    environment's `WorkerSettings` and `ServiceSettings` (``reidgen/core/settings.py``)."""
 
     api_key: str | None = None
     max_body_bytes: int = 8 * 2**20
@@ -118,7 +111,7 @@ class Settings:
     max_outputs: int = 64         # generated images per request (grid: appearance × structure)
     max_pixels: int = 1024 * 1024  # per input image; re-id crops are ~128×64
     max_steps: int = 16           # interpolation steps
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = REQUEST_TIMEOUT_S
     batching: bool = True         # False: every request runs alone (same queue, no merging)
     docs: bool = True             # serve /docs (the OpenAPI document is always served)
     # Roots: over HTTP a job names its checkpoint and teacher under models_root, its data sets
@@ -160,22 +153,16 @@ class Settings:
         return None not in (self.models_root, self.data_root, self.shards_root)
 
     @classmethod
-    def from_env(cls, **given) -> Settings:
-        """Settings with the environment's roots and worker timings where ``given`` has none:
-        ``$REIDGEN_MODELS_ROOT`` (default ./models), ``$REIDGEN_DATA`` (default ../shared/data beside
-        the checkout), ``$REIDGEN_SHARDS_ROOT`` (default ./shards), ``$REIDGEN_HEARTBEAT_S``,
-        ``$REIDGEN_LEASE_S``."""
-        defaults: dict[str, Any] = {"models_root": os.environ.get(ENV_MODELS_ROOT) or "models",
-                                    "data_root": data_root(),
-                                    "shards_root": os.environ.get(ENV_SHARDS_ROOT) or "shards"}
-        heartbeat, lease = os.environ.get(ENV_HEARTBEAT), os.environ.get(ENV_LEASE)
-        try:
-            if heartbeat:
-                defaults["heartbeat_s"] = float(heartbeat)
-            if lease:
-                defaults["lease_s"] = float(lease)
-        except ValueError:
-            raise ReidgenError(f"{ENV_HEARTBEAT} and {ENV_LEASE} must be numbers of seconds") from None
+    def from_env(cls, worker: WorkerSettings | None = None, **given) -> Settings:
+        """Settings with the roots and worker timings of ``worker`` (default: the environment's
+        `WorkerSettings`, ``$REIDGEN_MODELS_ROOT``, ``$REIDGEN_DATA``, ``$REIDGEN_SHARDS_ROOT``,
+        ``$REIDGEN_HEARTBEAT_S``, ``$REIDGEN_LEASE_S``) and the request deadline of the environment's
+        `ServiceSettings` (``$REIDGEN_REQUEST_TIMEOUT_S``), where ``given`` has none."""
+        worker = worker or WorkerSettings.from_env()
+        defaults: dict[str, Any] = {"models_root": worker.models_root, "data_root": worker.data_root,
+                                    "shards_root": worker.shards_root, "heartbeat_s": worker.heartbeat_s,
+                                    "lease_s": worker.lease_s,
+                                    "request_timeout_s": ServiceSettings.from_env().request_timeout_s}
         return cls(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
 
 
