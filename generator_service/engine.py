@@ -41,6 +41,7 @@ from generator_service.device import autocast, pick_device
 from generator_service.images import eval_transform
 from generator_service.kinds import KINDS, OP_KIND, InterpolateItem, RenderItem, SwapItem
 from generator_service.masks import GeometricMasks, MaskProvider
+from reidgen.core.settings import REQUEST_TIMEOUT_S
 from reidgen.errors import ReidgenError
 
 log = logging.getLogger("reidgen.engine")
@@ -187,7 +188,8 @@ class Engine:
     """Models, a bounded request queue and the batcher thread that serves it."""
 
     def __init__(self, models: Sequence[ServedModel], device: torch.device | str = "cpu", *, max_batch: int = 16,
-                 max_wait_ms: float = 5.0, queue_size: int = 64, amp: bool = True, timeout_s: float = 60.0):
+                 max_wait_ms: float = 5.0, queue_size: int = 64, amp: bool = True,
+                 timeout_s: float = REQUEST_TIMEOUT_S):
         if not models:
             raise ReidgenError("no models to serve")
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
@@ -211,8 +213,8 @@ class Engine:
 
     @classmethod
     def from_models_dir(cls, models_dir: str | Path, device: str = "auto", *, max_batch: int = 16,
-                        max_wait_ms: float = 5.0, queue_size: int = 64, amp: bool = True, timeout_s: float = 60.0,
-                        mask_provider: str | None = None) -> Engine:
+                        max_wait_ms: float = 5.0, queue_size: int = 64, amp: bool = True,
+                        timeout_s: float = REQUEST_TIMEOUT_S, mask_provider: str | None = None) -> Engine:
         """Load every DG-Net and CR-GAN checkpoint of ``models_dir`` (files ``NAME.pt`` and run
         folders ``NAME/checkpoints/last.pt``; re-id checkpoints are skipped)."""
         root = Path(models_dir)

@@ -128,7 +128,9 @@ class FolderMasks(MaskProvider):
 
 def default_model_path(kind: str = "pose") -> Path:
     """``REIDGEN_MASK_MODEL`` (a .tflite file, or a folder holding the models), else shared/models."""
-    env = os.environ.get("REIDGEN_MASK_MODEL")
+    from reidgen.core.settings import CommonSettings
+
+    env = CommonSettings.from_env().mask_model
     base = Path(env).expanduser() if env else MODELS_DIR
     return base if env and not base.is_dir() else base / MODEL_FILES[kind]
 

@@ -7,12 +7,13 @@ the same arithmetic as DDP, and a single code path with or without torchrun.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from reidgen.core.settings import TorchrunSettings
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,13 @@ class DistContext:
 
 def init_distributed() -> DistContext:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = TorchrunSettings.from_env()  # WORLD_SIZE and LOCAL_RANK, set by torchrun
+    world = launch.world_size
     if world <= 1:
         return DistContext()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = launch.local_rank
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     return DistContext(dist.get_rank(), world, local)
