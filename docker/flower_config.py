@@ -7,14 +7,14 @@ module-level names that are options (``basic_auth``), so a missing, empty or mal
 stops Flower here, with one line on stderr, instead of starting it open. (The file is not called
 ``flowerconfig.py``: a missing file of that default name is silently skipped by Flower.)
 
-The secret holds ``USER:PASSWORD`` (one line per login). ``$REIDGEN_FLOWER_AUTH_FILE`` points
+The secret holds ``USER:PASSWORD`` (one line per login). ``$REIDGEN_FLOWER_AUTH_FILE``
+(`reidgen.core.settings.FlowerSettings`; the Flower image is the reidgen image plus Flower) points
 elsewhere (tests/test_deploy.py); the deployment leaves it unset.
 """
 from __future__ import annotations
 
-import os
+from reidgen.core.settings import FlowerSettings
 
-_SECRET = "/run/secrets/flower_basic_auth"
 _MAKE_ONE = ("python3 -c \"import secrets; print('admin:' + secrets.token_urlsafe(24))\" "
              "> secrets/flower_basic_auth")
 
@@ -37,4 +37,4 @@ def _read_logins(path: str) -> list[str]:
     return lines
 
 
-basic_auth = _read_logins(os.environ.get("REIDGEN_FLOWER_AUTH_FILE", _SECRET))
+basic_auth = _read_logins(str(FlowerSettings.from_env().auth_file))

@@ -41,6 +41,7 @@ import yaml
 
 from generator_service.serve import _is_loopback
 from reidgen.cli import build_parser
+from reidgen.core.settings import ALL_SETTINGS, FlowerSettings, env_names
 from reidgen.errors import ReidgenError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,14 +319,22 @@ def _is_environ(node: ast.AST) -> bool:
         isinstance(node.value, ast.Name) and node.value.id == "os"
 
 
+_SETTINGS_CLASSES = {cls.__name__: cls for cls in ALL_SETTINGS}
+
+
 def env_reads(tree: ast.Module) -> set[str]:
-    """Names read with os.environ.get(X), os.getenv(X), os.environ[X] or `X in os.environ`, where X
-    is a literal or a module-level constant (API_KEY_ENV = "REIDGEN_API_KEY"). Writes do not count."""
+    """The variables of every settings class a module names (reidgen.core.settings: each field is a
+    variable), and names read with os.environ.get(X), os.getenv(X), os.environ[X] or `X in
+    os.environ`, where X is a literal or a module-level constant. Writes do not count."""
     constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
                  and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
                  for t in n.targets if isinstance(t, ast.Name)}
     names = set()
     for node in ast.walk(tree):
+        named = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else \
+            node.name if isinstance(node, ast.alias) else None
+        if named in _SETTINGS_CLASSES:
+            names |= env_names(_SETTINGS_CLASSES[named])
         arg = None
         if isinstance(node, ast.Call) and node.args:
             f = node.func
@@ -603,13 +612,11 @@ def test_flower_requires_basic_auth_from_a_secret(monkeypatch, tmp_path):
         with pytest.raises(SystemExit, match="flower: "):
             logins(bad)
     # Unset (the deployment), it reads the secret the flower service mounts.
-    tree = ast.parse(config.read_text())
-    constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
-                 and isinstance(n.value, ast.Constant) for t in n.targets if isinstance(t, ast.Name)}
-    secret = mounted_secrets(svc).get(constants["_SECRET"])
-    assert secret and "file" in doc["secrets"][secret], f"flower does not mount {constants['_SECRET']}"
+    default = str(FlowerSettings.model_fields["auth_file"].default)
+    secret = mounted_secrets(svc).get(default)
+    assert secret and "file" in doc["secrets"][secret], f"flower does not mount {default}"
     monkeypatch.delenv("REIDGEN_FLOWER_AUTH_FILE")
-    if not Path(constants["_SECRET"]).exists():
+    if not Path(default).exists():
         with pytest.raises(SystemExit, match="cannot read the login file"):
             runpy.run_path(str(config))
 

@@ -6,6 +6,7 @@ of process, each field with its variable's name, type, default and meaning.
 - `WorkerSettings`: the batch workers and every job client (``reidgen serve``'s /v1/jobs,
   ``reidgen generate --submit``): Redis, the queue, the roots a job names files under, leases.
 - `ServiceSettings`: the HTTP service (``reidgen serve``): its API key and request deadline.
+- `FlowerSettings`: the Flower monitor of the image (where its logins are).
 
 No module outside this package reads ``os.environ``; the others take these objects (or values
 from them) as arguments, and command-line flags override them (``WorkerSettings.from_env(queue=...)``).
@@ -144,7 +145,16 @@ class ServiceSettings(CommonSettings):
                                     "request may take, queue included (`serve --timeout`), above 0", gt=0)
 
 
-ALL_SETTINGS: tuple[type[_FromEnvironment], ...] = (CommonSettings, TorchrunSettings, WorkerSettings, ServiceSettings)
+class FlowerSettings(_FromEnvironment):
+    """Celery's Flower monitor in the image (``docker/flower_config.py``)."""
+
+    auth_file: Path = _var("REIDGEN_FLOWER_AUTH_FILE", Path("/run/secrets/flower_basic_auth"),
+                           "the file of Flower's logins, `USER:PASSWORD` lines (the deployment mounts a secret "
+                           "there; tests point elsewhere)")
+
+
+ALL_SETTINGS: tuple[type[_FromEnvironment], ...] = (CommonSettings, TorchrunSettings, WorkerSettings, ServiceSettings,
+                                                    FlowerSettings)
 
 
 def env_names(cls: type[_FromEnvironment]) -> set[str]:
