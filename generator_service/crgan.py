@@ -1,6 +1,7 @@
 """CR-GAN inference: render a source person into a target image's context.
 
-Loaded by the online-render trainer feed, and later by the service and the batch workers.
+The engine's ``crgan`` kind serves it (`generator_service.kinds`): the HTTP service, the batch
+workers, render grids and the online-render feed of ``train-reid`` all reach it through the engine.
 """
 from __future__ import annotations
 
@@ -8,24 +9,32 @@ from pathlib import Path
 
 import torch
 
-from generator_service.checkpoint import load_checkpoint, load_state
+from generator_service.checkpoint import Checkpoint, load_state
 from generator_service.crgan_nets import ContextGenerator, CRGANConfig, mask_person
 from reidgen.config import config_from_dict
 
 
 class ContextRenderer:
-    """The generator of a CR-GAN checkpoint, in eval mode on ``device``."""
+    """The generator G of a CR-GAN model, in eval mode on ``device``; build it with `from_checkpoint`."""
 
-    def __init__(self, checkpoint: str | Path, device: torch.device | str = "cpu"):
-        ckpt = load_checkpoint(checkpoint, "crgan")
-        self.config = config_from_dict(CRGANConfig, ckpt["model_config"])
-        self.train_config = ckpt["train_config"]
-        self.generator = ContextGenerator(self.config)
-        load_state(self.generator, ckpt["models"]["gen"], f"checkpoint {checkpoint}")
-        self.generator.to(device).eval().requires_grad_(False)
+    def __init__(self, config: CRGANConfig, generator: ContextGenerator, train_config: dict | None = None,
+                 device: torch.device | str = "cpu"):
+        self.config, self.train_config = config, train_config or {}
         self.device = torch.device(device)
+        self.generator = generator.to(self.device).eval().requires_grad_(False)
         # A generator trained on binary person masks (train-crgan --binary-masks) is fed binary ones.
-        self.binary_masks = bool((self.train_config or {}).get("binary_masks", False))
+        self.binary_masks = bool(self.train_config.get("binary_masks", False))
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path | Checkpoint,
+                        device: torch.device | str = "cpu") -> tuple[ContextRenderer, Checkpoint]:
+        """The renderer of a CR-GAN checkpoint (file, run folder or a `Checkpoint` already read, which
+        is then not read again), with the checkpoint it came from."""
+        ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, "crgan")
+        config = config_from_dict(CRGANConfig, ckpt.model_config)
+        generator = ContextGenerator(config)
+        load_state(generator, ckpt["models"]["gen"], f"checkpoint {ckpt.path}")
+        return cls(config, generator, ckpt.train_config, device), ckpt
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -5,12 +5,15 @@ One engine serves every caller (DESIGN.md, "one code path"):
 - the HTTP service submits requests to its queue (`Engine.submit`, awaited with `Engine.run`);
   a batcher thread merges concurrent requests of the same model and operation into one
   device batch (up to ``max_batch`` generated images, waiting at most ``max_wait_ms`` for more);
-- batch workers and the online-feed trainer, which already hold batches, call the synchronous
-  methods (`swap_batch`, `render_batch`, `interpolate_batch`) in their own thread.
+- batch workers and the training feeds, which already hold batches, call the synchronous
+  methods (`swap_batch`, `render_batch`, `interpolate_batch`, `embed_batch`) in their own thread.
 
 Both paths end in `Engine._execute`, which runs under ``torch.inference_mode`` (bf16 autocast
 on CUDA), isolates a failing request (a merged batch that fails is re-run request by request)
-and survives CUDA out-of-memory by splitting the batch in halves and retrying.
+and survives CUDA out-of-memory by splitting the batch in halves and retrying. Results a caller
+keeps on the device (``on_device``: the training feeds) are made under ``torch.no_grad``
+instead: inference tensors could not enter the caller's autograd graph, and cloning them would
+cost a copy every step.
 
 The queue is bounded: a full queue raises `QueueFull` at once (HTTP: 503 with Retry-After),
 and a request whose deadline passes before its batch runs is dropped with `DeadlineExceeded`.
@@ -39,7 +42,7 @@ from api_schemas.service import MODEL_NAME_PATTERN
 from generator_service.checkpoint import CHECKPOINTS_DIR, LAST, Checkpoint, run_checkpoint, run_folder
 from generator_service.device import autocast, pick_device
 from generator_service.images import eval_transform
-from generator_service.kinds import KINDS, OP_KIND, InterpolateItem, RenderItem, SwapItem
+from generator_service.kinds import KINDS, OP_KIND, EmbedItem, InterpolateItem, RenderItem, SwapItem
 from generator_service.masks import GeometricMasks, MaskProvider
 from reidgen.core.settings import REQUEST_TIMEOUT_S
 from reidgen.errors import ReidgenError
@@ -87,13 +90,13 @@ class ServedModel:
     """A loaded generator and what clients may know about it (never an absolute path)."""
 
     name: str
-    kind: str                     # "dgnet" | "crgan"
+    kind: str                     # a key of KINDS: "dgnet" | "crgan" | "reid"
     checkpoint: str               # relative to the models directory
     identity: str                 # short sha256 of the checkpoint file
     step: int | None
     preset: str | None
     image_size: tuple[int, int]   # (H, W)
-    net: Any                      # DGNet | ContextRenderer
+    net: Any                      # DGNet | ContextRenderer | ReidNet
     masks: MaskProvider | None = None
     masks_name: str | None = None
     _transform: Any = field(default=None, repr=False)
@@ -147,13 +150,9 @@ def scan_models_dir(root: str | Path) -> list[tuple[str, Path]]:
 
 
 def load_model(name: str, source: Path | Checkpoint, root: Path, device: torch.device,
-               mask_provider: str | None = None) -> ServedModel | None:
-    """Load one checkpoint (a path, or a file already read) for inference; ``None`` for kinds the
-    service does not serve (re-id)."""
-    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, ("reid", *KINDS))
-    if ckpt.kind not in KINDS:
-        log.info("skipping %s: a re-id model (the service serves DG-Net and CR-GAN models)", ckpt.path)
-        return None
+               mask_provider: str | None = None) -> ServedModel:
+    """Load one checkpoint (a path, or a file already read, not read again) for inference."""
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, tuple(KINDS))
     loaded = KINDS[ckpt.kind].load(ckpt, device, mask_provider)
     return ServedModel(name=name, kind=ckpt.kind, checkpoint=str(ckpt.path.relative_to(root)),
                        identity=ckpt.identity, step=ckpt.step, preset=loaded.preset, image_size=loaded.image_size,
@@ -215,8 +214,9 @@ class Engine:
     def from_models_dir(cls, models_dir: str | Path, device: str = "auto", *, max_batch: int = 16,
                         max_wait_ms: float = 5.0, queue_size: int = 64, amp: bool = True,
                         timeout_s: float = REQUEST_TIMEOUT_S, mask_provider: str | None = None) -> Engine:
-        """Load every DG-Net and CR-GAN checkpoint of ``models_dir`` (files ``NAME.pt`` and run
-        folders ``NAME/checkpoints/last.pt``; re-id checkpoints are skipped)."""
+        """Load every checkpoint of ``models_dir`` of a kind served over HTTP, DG-Net and CR-GAN
+        (files ``NAME.pt`` and run folders ``NAME/checkpoints/last.pt``; re-id checkpoints, such
+        as a teacher kept there, are skipped)."""
         root = Path(models_dir)
         dev = pick_device(device)
         models = []
@@ -224,10 +224,13 @@ class Engine:
             if not re.match(MODEL_NAME_PATTERN, name):
                 raise ReidgenError(f"model name {name!r} (from {path.relative_to(root)}) must be letters, digits, "
                                    f"'.', '_' or '-' (at most 128); rename the file or folder")
-            model = load_model(name, path, root, dev, mask_provider)
-            if model is not None:
-                models.append(model)
-                log.info("loaded %s model %r from %s (%s)", model.kind, name, model.checkpoint, model.identity)
+            ckpt = Checkpoint.read(path, tuple(KINDS))
+            if not KINDS[ckpt.kind].endpoints:
+                log.info("skipping %s: a %s model (no HTTP endpoint serves that kind)", path, KINDS[ckpt.kind].title)
+                continue
+            model = load_model(name, ckpt, root, dev, mask_provider)
+            models.append(model)
+            log.info("loaded %s model %r from %s (%s)", model.kind, name, model.checkpoint, model.identity)
         if not models:
             raise ReidgenError(f"no DG-Net or CR-GAN checkpoints in {root} (expected NAME.pt files or run folders "
                                f"with checkpoints/last.pt, written by reidgen train-dgnet / train-crgan)")
@@ -237,18 +240,14 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | Checkpoint, device: str = "auto", *, max_batch: int = 4096,
                         amp: bool = True, mask_provider: str | None = None) -> Engine:
-        """An engine serving one DG-Net or CR-GAN checkpoint (file, run folder or a file already
-        read): what the batch workers and the online-feed trainer use. Its name is the run folder's
-        or the file's stem."""
-        ckpt = (checkpoint if isinstance(checkpoint, Checkpoint)
-                else Checkpoint.read(checkpoint, ("dgnet", "crgan", "reid")))
+        """An engine running one checkpoint of any kind (file, run folder or a file already read):
+        what the batch workers, the training feeds and render grids use. Its name is the run
+        folder's or the file's stem."""
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.read(checkpoint, tuple(KINDS))
         path = ckpt.path
         name = run_folder(path).name if path.parent.name == CHECKPOINTS_DIR and path.name == LAST else path.stem
         dev = pick_device(device)
-        model = load_model(name, ckpt, path.parent, dev, mask_provider)
-        if model is None:
-            raise ReidgenError(f"{checkpoint} is a re-id model; a DG-Net or CR-GAN checkpoint is needed here")
-        return cls([model], dev, max_batch=max_batch, amp=amp)
+        return cls([load_model(name, ckpt, path.parent, dev, mask_provider)], dev, max_batch=max_batch, amp=amp)
 
     # -- registry ------------------------------------------------------------------------------
     def model_for(self, op: str, name: str | None = None) -> ServedModel:
@@ -372,6 +371,11 @@ class Engine:
             F.interpolate(target_mask.float(), size=m.image_size, mode="bilinear", align_corners=False)
         return self._direct("render", m, RenderItem(self._fit(source, m), self._fit(target, m), mask), on_device)
 
+    def embed_batch(self, images: torch.Tensor, model: str | None = None, on_device: bool = False) -> torch.Tensor:
+        """B×d re-id features (flip-averaged, unit length) of normalised B×3×H×W images."""
+        m = self.model_for("embed", model)
+        return self._direct("embed", m, EmbedItem(self._fit(images, m)), on_device)
+
     @staticmethod
     def _fit(x: torch.Tensor, model: ServedModel) -> torch.Tensor:
         if tuple(x.shape[-2:]) == model.image_size:
@@ -469,8 +473,10 @@ class Engine:
         """
         op, model = jobs[0].op, jobs[0].model
         started = time.perf_counter()
+        # Kept on the device, the results go on into training (see the module's docstring).
+        grad_off = torch.no_grad() if on_device else torch.inference_mode()
         try:
-            with torch.inference_mode(), autocast(self.device, self.amp):
+            with grad_off, autocast(self.device, self.amp):
                 results = KINDS[model.kind].ops[op](model.net, [j.item for j in jobs], self.device, chunk)
                 if not on_device:
                     results = [_to_cpu(r) for r in results]

@@ -1,28 +1,28 @@
-"""Model kinds: what the inference engine serves, each kind one object.
+"""Model kinds: what the inference engine runs, each kind one object.
 
-A `ModelKind` owns what differs between DG-Net and CR-GAN models: how a checkpoint of the kind
-becomes a servable network (with its preset name and image size), which operations it offers
-and how each runs on one batch of requests, and how it is warmed up. The engine
+A `ModelKind` owns what differs between re-id, DG-Net and CR-GAN models: how a checkpoint of the
+kind becomes a network ready for inference (with its preset name and image size), which
+operations it offers and how each runs on one batch of requests, which operation gives a
+`Synthesizer` its generated images, and how it is warmed up. The engine
 (`generator_service.engine`) only queues, batches and schedules; adding a kind is adding an
 entry to `KINDS`, not a branch in the engine.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from generator_service.checkpoint import Checkpoint
 from generator_service.crgan import ContextRenderer
 from generator_service.crgan_nets import CRGAN_PRESETS
 from generator_service.dgnet import DGNET_PRESETS, DGNet
-from generator_service.masks import GeometricMasks, MaskProvider, build_mask_provider
+from generator_service.masks import MaskProvider, mask_provider_for
+from generator_service.reid_model import ReidNet
 from reidgen.errors import ReidgenError
-
-log = logging.getLogger("reidgen.engine")
 
 
 # -- what one request asks of a model (tensors are normalised, at the model's size) -------------
@@ -72,26 +72,13 @@ class RenderItem:
         return len(self.source)
 
 
-# -- CR-GAN target masks -----------------------------------------------------------------------
-def crgan_mask_provider(train_config: dict, override: str | None) -> tuple[MaskProvider, str]:
-    """The provider a CR-GAN model was trained with, for targets sent without a mask.
+@dataclass
+class EmbedItem:
+    images: torch.Tensor  # N×3×H×W
 
-    A ``folder`` provider only knows its own data set's files, so uploads use the pose
-    segmenter; without the TFLite model the geometric prior stands in (and says so).
-    """
-    kind = override or train_config.get("masks") or "pose"
-    if kind == "folder":
-        kind = "pose"
-    opts = {}
-    if kind in ("pose", "selfie") and train_config.get("mask_model") and not override:
-        opts["model_path"] = train_config["mask_model"]
-    try:
-        return build_mask_provider(kind, **opts), kind
-    except ReidgenError as exc:
-        if kind == "geometric":
-            raise
-        log.warning("mask provider %s unavailable (%s); target masks fall back to the geometric prior", kind, exc)
-        return GeometricMasks(), f"geometric (fallback: {kind} unavailable)"
+    @property
+    def size(self) -> int:
+        return len(self.images)
 
 
 # -- the operations: one runner each, taking the items of one batch; results stay on the device
@@ -139,6 +126,33 @@ def _run_render(renderer: ContextRenderer, items: Sequence[RenderItem], device: 
     return list(zip(rendered.float().split(sizes), context.float().split(sizes)))
 
 
+def _flip_averaged_feature(net: ReidNet, x: torch.Tensor) -> torch.Tensor:
+    # As evaluation ranks (trainer.evaluate): each view's feature unit-length, summed, then unit-length.
+    views = (net(x)[1], net(torch.flip(x, dims=[3]))[1])
+    return F.normalize(sum(F.normalize(v.float(), dim=1) for v in views), dim=1)
+
+
+def _run_embed(net: ReidNet, items: Sequence[EmbedItem], device: torch.device, chunk: int) -> list[torch.Tensor]:
+    features = _chunked(lambda x: _flip_averaged_feature(net, x), chunk,
+                        torch.cat([it.images for it in items]).to(device))
+    return list(features.split([it.size for it in items]))
+
+
+# -- synthesis: generated images for training and shards (a `Synthesizer` calls these) ----------
+def _swap_images(engine, model: str, appearance: torch.Tensor, structure: torch.Tensor,
+                 masks: torch.Tensor | None) -> torch.Tensor:
+    """DG-Net: appearance i on structure i."""
+    return engine.swap_batch(appearance, structure, model=model, on_device=True)
+
+
+def _render_images(engine, model: str, sources: torch.Tensor, targets: torch.Tensor,
+                   masks: torch.Tensor | None) -> torch.Tensor:
+    """CR-GAN: source i rendered into target i, whose person mask is ``masks[i]``."""
+    if masks is None:
+        raise ReidgenError("a CR-GAN rendering needs the targets' person masks (B×1×H×W, 1 = person)")
+    return engine.render_batch(sources, targets, masks, model=model, on_device=True)[0]
+
+
 # -- loading ----------------------------------------------------------------------------------
 @dataclass
 class Loaded:
@@ -158,36 +172,55 @@ def _load_dgnet(ckpt: Checkpoint, device: torch.device, mask_provider: str | Non
 
 
 def _load_crgan(ckpt: Checkpoint, device: torch.device, mask_provider: str | None) -> Loaded:
-    renderer = ContextRenderer(ckpt.path, device)
+    renderer, _ = ContextRenderer.from_checkpoint(ckpt, device)
     preset = next((p for p, c in CRGAN_PRESETS.items() if c == renderer.config), "custom")
-    masks, masks_name = crgan_mask_provider(ckpt.train_config, mask_provider)
+    # Targets sent without a mask get one from the provider the model was trained with (uploads:
+    # the pose segmenter for a folder provider), or the geometric prior where that cannot run here.
+    masks, masks_name = mask_provider_for(ckpt.train_config, mask_provider, fallback=True)
     return Loaded(renderer, preset, tuple(renderer.image_size), masks, masks_name)
+
+
+def _load_reid(ckpt: Checkpoint, device: torch.device, mask_provider: str | None) -> Loaded:
+    net, _ = ReidNet.from_checkpoint(ckpt)
+    net = net.to(device).requires_grad_(False)
+    return Loaded(net, "custom", tuple(net.config.image_size))
 
 
 @dataclass(frozen=True)
 class ModelKind:
-    """One kind of servable model (the ``kind`` a checkpoint records)."""
+    """One kind of model the engine runs (the ``kind`` a checkpoint records)."""
 
     name: str
     title: str
-    endpoints: tuple[str, ...]
+    endpoints: tuple[str, ...]  # the HTTP routes that use it; none: `serve --models` skips the kind
     presets: tuple[str, ...]
     # operation → runner(net, items of one batch, device, device batch size) → one result per item,
     # on the device; the first operation is the one warm-up runs
     ops: Mapping[str, Callable[[Any, Sequence[Any], torch.device, int], list]]
     load: Callable[[Checkpoint, torch.device, str | None], Loaded]
     warm_item: Callable[[int, int, int], Any]  # (n, H, W) → an item of the first operation
+    # The operation a `Synthesizer` takes generated images from, and how it asks the engine for
+    # them: (engine, model name, appearance/sources, structure/targets, target masks or None) →
+    # B×3×H×W images on the engine's device. None: the kind generates no images.
+    synthesis_op: str | None = None
+    synthesize: Callable[[Any, str, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
 
 KINDS: dict[str, ModelKind] = {
     "dgnet": ModelKind("dgnet", "DG-Net", ("/v1/swap", "/v1/interpolate"), tuple(sorted(DGNET_PRESETS)),
                        {"swap": _run_swap, "interpolate": _run_interpolate}, _load_dgnet,
-                       lambda n, h, w: SwapItem(torch.zeros(n, 3, h, w), torch.zeros(n, 3, h, w))),
+                       lambda n, h, w: SwapItem(torch.zeros(n, 3, h, w), torch.zeros(n, 3, h, w)),
+                       synthesis_op="swap", synthesize=_swap_images),
     "crgan": ModelKind("crgan", "CR-GAN", ("/v1/render",), tuple(sorted(CRGAN_PRESETS)),
                        {"render": _run_render}, _load_crgan,
                        lambda n, h, w: RenderItem(torch.zeros(n, 3, h, w), torch.zeros(n, 3, h, w),
-                                                  torch.zeros(n, 1, h, w))),
+                                                  torch.zeros(n, 1, h, w)),
+                       synthesis_op="render", synthesize=_render_images),
+    # Re-id networks (baselines, teachers, D_id): features for retrieval. Not served over HTTP, so
+    # a teacher kept in a models folder is skipped by `serve --models`.
+    "reid": ModelKind("reid", "re-id", (), (), {"embed": _run_embed}, _load_reid,
+                      lambda n, h, w: EmbedItem(torch.zeros(n, 3, h, w))),
 }
-# Which kind each operation needs, and the presets of each kind (GET /v1/models).
+# Which kind each operation needs, and the presets of each kind served over HTTP (GET /v1/models).
 OP_KIND = {op: kind.name for kind in KINDS.values() for op in kind.ops}
-PRESETS = {kind.name: list(kind.presets) for kind in KINDS.values()}
+PRESETS = {kind.name: list(kind.presets) for kind in KINDS.values() if kind.endpoints}

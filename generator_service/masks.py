@@ -15,12 +15,13 @@ Masks are computed once per data set with `compute_masks`, which stores them as 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -47,6 +48,7 @@ MODEL_HELP = (
     "'*/pose_landmark_full.tflite' '*/selfie_segmentation.tflite'`, then set REIDGEN_MASK_MODEL "
     "to the .tflite file (or the folder holding both) or pass its path"
 )
+log = logging.getLogger("reidgen.masks")
 
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -257,6 +259,38 @@ def build_mask_provider(kind: str, **opts) -> MaskProvider:
     if kind in ("pose", "selfie"):
         opts["kind"] = kind
     return _KINDS[kind](**opts)
+
+
+def mask_provider_for(train_config: Mapping[str, Any] | Any, override: str | None = None, *,
+                      fallback: bool = False) -> tuple[MaskProvider, str]:
+    """The person-mask provider a CR-GAN model was trained with, and the name to show for it.
+
+    ``train_config`` is a CR-GAN train configuration (the checkpoint's dict, or the trainer's
+    dataclass): its ``masks`` provider (default ``pose``) with its ``mask_model`` file when one was
+    given. ``override`` names another provider (``serve --masks``); the recorded model file then
+    counts only when the override is the provider it belongs to. A ``folder`` provider's folder is
+    not recorded, so the pose segmenter stands in for it.
+
+    With ``fallback``, a provider that cannot be built here (no TFLite model or runtime) is replaced
+    by the geometric prior, logged and named ``geometric (fallback: …)``: what the service does, where
+    a target sent without a mask still gets one. Without it, the error is raised: trainers and
+    measurements must use the very masks the model was trained with.
+    """
+    settings = train_config if isinstance(train_config, Mapping) else vars(train_config)
+    trained = settings.get("masks") or "pose"
+    kind = override or trained
+    if kind == "folder":
+        kind = "pose"
+    opts = {}
+    if kind in ("pose", "selfie") and settings.get("mask_model") and kind == trained:
+        opts["model_path"] = settings["mask_model"]
+    try:
+        return build_mask_provider(kind, **opts), kind
+    except ReidgenError as exc:
+        if not fallback or kind == "geometric":
+            raise
+        log.warning("mask provider %s unavailable (%s); target masks fall back to the geometric prior", kind, exc)
+        return GeometricMasks(), f"geometric (fallback: {kind} unavailable)"
 
 
 class MaskCache:

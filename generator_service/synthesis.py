@@ -1,9 +1,11 @@
 """Synthesis: generated images with the teacher's soft labels, the one path for every consumer.
 
 The batch workers (`worker.run`: shard records keep the top-k of each soft label), the DG-Net
-online feed of `train-reid --online-generator` and anything else that trains on generated images
-take them from a `Synthesizer`. Tensors stay on the engine's device and the soft labels stay
-dense (B×K), so a training step pays no device round trip and no per-item Python loop.
+online feed of `train-reid --online-generator`, the CR-GAN online render of `--online-render`
+and anything else that trains on generated images take them from a `Synthesizer`. Tensors stay
+on the engine's device and the soft labels stay dense (B×K), so a training step pays no device
+round trip and no per-item Python loop. They are made under ``torch.no_grad`` (not inference
+mode), so they can go straight into a training step's forward and backward pass.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from generator_service.device import autocast
-from generator_service.engine import Engine
+from generator_service.engine import Engine, UnknownModel
+from generator_service.kinds import KINDS
 from generator_service.teacher import Teacher
+from reidgen.errors import ReidgenError
 
 
 @dataclass
@@ -23,28 +27,29 @@ class Synthesis:
 
 
 class Synthesizer:
-    """One generator (a DG-Net swap or a CR-GAN rendering, through the engine) and its teacher."""
+    """One generator of the engine (the operation its kind names: a DG-Net swap, a CR-GAN
+    rendering) and the teacher that labels what it makes."""
 
     def __init__(self, engine: Engine, teacher: Teacher | None, model: str | None = None):
         self.engine, self.teacher = engine, teacher
         chosen = engine.models.get(model) if model else next(iter(engine.models.values()))
-        # model_for refuses an unknown name in its own words
-        self.model = engine.model_for("render" if chosen is not None and chosen.kind == "crgan" else "swap", model or
-                                      chosen.name)
+        if chosen is None:
+            raise UnknownModel(f"no model named {model!r}; loaded: {', '.join(engine.models)}")
+        self.kind = KINDS[chosen.kind]
+        if self.kind.synthesize is None:
+            makers = " or ".join(kind.title for kind in KINDS.values() if kind.synthesize is not None)
+            raise ReidgenError(f"model {chosen.name!r} is a {self.kind.title} model, which generates no images; "
+                               f"synthesis needs a {makers} model")
+        self.model = engine.model_for(self.kind.synthesis_op, chosen.name)
 
     def __call__(self, appearance: torch.Tensor, structure: torch.Tensor,
                  masks: torch.Tensor | None = None) -> Synthesis:
         """DG-Net: ``appearance`` on ``structure`` (pairwise); CR-GAN: the sources ``appearance``
         rendered into the targets ``structure`` whose person ``masks`` are given."""
-        if self.model.kind == "crgan":
-            if masks is None:
-                raise ValueError("a CR-GAN rendering needs the targets' person masks")
-            images, _ = self.engine.render_batch(appearance, structure, masks, model=self.model.name, on_device=True)
-        else:
-            images = self.engine.swap_batch(appearance, structure, model=self.model.name, on_device=True)
+        images = self.kind.synthesize(self.engine, self.model.name, appearance, structure, masks)
         soft = None
         if self.teacher is not None:
-            with torch.inference_mode(), autocast(self.engine.device, self.engine.amp):
+            with torch.no_grad(), autocast(self.engine.device, self.engine.amp):
                 soft = self.teacher.soft_labels(images).float()
         return Synthesis(images, soft)
 

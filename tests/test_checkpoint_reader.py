@@ -59,6 +59,25 @@ def test_the_engine_reads_a_checkpoint_it_is_given_no_second_time(tiny_dgnet, mo
     assert model.name == "dgnet" and model.identity == file_identity(tiny_dgnet["dgnet"])
 
 
+def test_a_crgan_checkpoint_is_read_once(tmp_path, monkeypatch):
+    from generator_service.crgan import ContextRenderer
+    from generator_service.engine import Engine
+    from tests.test_kinds import write_tiny_crgan
+
+    path = write_tiny_crgan(tmp_path / "run" / "checkpoints" / "last.pt", binary_masks=True)
+    reads = []
+    monkeypatch.setattr(checkpoint_module, "read_plain", lambda p, *a: reads.append(p) or read_plain(p, *a))
+    ckpt = Checkpoint.read(tmp_path / "run", "crgan")
+    renderer, same = ContextRenderer.from_checkpoint(ckpt)
+    assert same is ckpt and renderer.binary_masks and renderer.image_size == (128, 64)
+    engine = Engine.from_checkpoint(ckpt, "cpu")
+    assert reads == [path]  # the engine took the file already read
+    (model,) = engine.models.values()
+    assert model.name == "run" and model.kind == "crgan" and model.identity == file_identity(path)
+    with pytest.raises(ReidgenError, match="holds a 'crgan' model; expected 'dgnet'"):
+        DGNet.from_checkpoint(path)
+
+
 def _changed_copy(teacher, out):
     """The teacher's file with one weight nudged: same shapes and classes, other content."""
     ckpt = read_plain(teacher)

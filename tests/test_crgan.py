@@ -119,7 +119,7 @@ def test_identity_model_of_other_identities_is_refused(domains, market_mini, tmp
 
 
 def test_online_render_fine_tuning(crgan_run, domains, id_model, tmp_path):
-    renderer = ContextRenderer(crgan_run / "checkpoints" / "last.pt")
+    renderer, _ = ContextRenderer.from_checkpoint(crgan_run / "checkpoints" / "last.pt")
     assert renderer.image_size == (128, 64)
     cfg = preset_config("tiny", data=str(domains[0]), init=str(id_model), target=str(domains[1]),
                         online_render=str(crgan_run), max_steps=4, workers=0,  # a run folder works too
@@ -142,7 +142,7 @@ def test_render_grid_command(crgan_run, domains, id_model, tmp_path, capsys):
     mask_cell = grid[2 + 2 * 130:2 + 2 * 130 + 128, 2 + 66:2 + 66 + 64]
     assert np.ptp(mask_cell, axis=2).max() <= 2  # the context mask is drawn in grey
     assert main(args[:2] + [str(id_model)] + args[3:]) == 2
-    assert "CR-GAN checkpoint is needed" in capsys.readouterr().err
+    assert "is not a CR-GAN checkpoint" in capsys.readouterr().err
 
 
 def test_context_loss_forms():
@@ -177,8 +177,8 @@ def test_binary_masks_and_paper_context_loss_train_and_render(crgan_run, domains
     train_crgan(cfg, tmp_path, progress=False)
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "l_con" in r]
     assert len(steps) == 3 and steps[0]["l_con"] > 10  # a norm over 3·128·64 values, not a mean
-    renderer = ContextRenderer(tmp_path / "checkpoints" / "last.pt")
-    assert renderer.binary_masks and not ContextRenderer(crgan_run / "checkpoints" / "last.pt").binary_masks
+    renderer, _ = ContextRenderer.from_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert renderer.binary_masks and not ContextRenderer.from_checkpoint(crgan_run)[0].binary_masks
     x = torch.randn(2, 3, 128, 64)
     soft, hard = torch.full((2, 1, 128, 64), 0.6), torch.ones(2, 1, 128, 64)
     assert torch.equal(renderer.render(x, x.flip(0), soft)[0], renderer.render(x, x.flip(0), hard)[0])

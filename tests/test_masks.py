@@ -2,6 +2,8 @@
 the check sheet and the errors a user can meet."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +20,7 @@ from generator_service.masks import (
     build_mask_provider,
     compute_masks,
     default_model_path,
+    mask_provider_for,
     mask_sheet,
 )
 from reidgen.errors import ReidgenError
@@ -195,3 +198,27 @@ def test_provider_factory_errors():
     with pytest.raises(ReidgenError, match="no option"):
         build_mask_provider("geometric", model_path="x")
     assert build_mask_provider("geometric").name == "geometric"
+
+
+@dataclass
+class _CRGANSettings:  # what train-crgan's configuration holds about masks
+    masks: str = "geometric"
+    mask_model: str = ""
+
+
+def test_mask_provider_for_a_crgan_train_config(tmp_path, pose, selfie):  # (skips without the models)
+    provider, name = mask_provider_for({"masks": "geometric"})
+    assert isinstance(provider, GeometricMasks) and name == "geometric"
+    assert mask_provider_for(_CRGANSettings())[1] == "geometric"  # the trainer's dataclass works too
+    pose, name = mask_provider_for({})  # nothing recorded: the pose segmenter, train-crgan's default
+    assert isinstance(pose, TFLiteSegmenter) and pose.kind == "pose" and name == "pose"
+    assert mask_provider_for({"masks": "folder"})[1] == "pose"  # the folder is not recorded
+    assert mask_provider_for({"masks": "pose"}, override="geometric")[1] == "geometric"
+
+    missing = {"masks": "pose", "mask_model": str(tmp_path / "gone.tflite")}
+    with pytest.raises(ReidgenError, match="gone.tflite not found"):
+        mask_provider_for(missing)  # trainers and measurements: the trained-with masks or an error
+    provider, name = mask_provider_for(missing, fallback=True)  # the service: a stand-in, named as such
+    assert isinstance(provider, GeometricMasks) and name == "geometric (fallback: pose unavailable)"
+    # an override to another provider does not take the recorded model file of the trained one
+    assert mask_provider_for(missing, override="selfie")[0].kind == "selfie"

@@ -1,8 +1,9 @@
 """Cross-domain fine-tuning feed: every source batch is rendered into the contexts of random
 target images by a CR-GAN generator, on the fly (nothing is stored).
 
-Target images come in their own seeded stream, keyed by the training step, so a resumed
-fine-tuning run renders exactly the same images.
+The rendering goes through the inference engine and a `Synthesizer`, as every other generated
+image does, and stays on the device. Target images come in their own seeded stream, keyed by the
+training step, so a resumed fine-tuning run renders exactly the same images.
 """
 from __future__ import annotations
 
@@ -11,37 +12,41 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from generator_service.checkpoint import resolve_checkpoint
-from generator_service.crgan import ContextRenderer
-from generator_service.masks import build_mask_provider, ensure_masks
+from generator_service.checkpoint import Checkpoint, run_folder
+from generator_service.masks import ensure_masks, mask_provider_for
 from reidgen.market import scan_split
 from trainer.data import MaskedImageDataset, endless_batches, epoch_loader
 from trainer.samplers import RandomBatchSampler
 
 
-def crgan_mask_cache(crgan_checkpoint: str, train_config: dict, target: str) -> Path | None:
+def crgan_mask_cache(crgan_checkpoint: str | Path, train_config: dict, target: str) -> Path | None:
     """The CR-GAN run's own cache of the target's person masks, when fine-tuning renders into the
     same target data set (same provider, same files): thousands of masks, minutes of CPU not to redo."""
     if Path(train_config["target"]).resolve() != Path(target).resolve():
         return None
     root = Path(train_config["mask_cache"]) if train_config["mask_cache"] else \
-        resolve_checkpoint(crgan_checkpoint).resolve().parent.parent / "masks"  # RUN/checkpoints/last.pt → RUN/masks
+        run_folder(Path(crgan_checkpoint).resolve()) / "masks"  # RUN/checkpoints/last.pt → RUN/masks
     return root / "target" if (root / "target").is_dir() else None
 
 
 class RenderFeed:
     def __init__(self, crgan_checkpoint: str, target: str, device: torch.device, batch_size: int, seed: int,
                  workers: int, start_step: int, mask_cache: str | Path, progress: bool = True):
-        self.renderer = ContextRenderer(crgan_checkpoint, device)
-        cfg = self.renderer.train_config
-        opts = {"model_path": cfg["mask_model"]} if cfg["mask_model"] and cfg["masks"] in ("pose", "selfie") else {}
-        provider = build_mask_provider(cfg["masks"], **opts)
+        from generator_service.engine import Engine
+        from generator_service.synthesis import Synthesizer
+
+        ckpt = Checkpoint.read(crgan_checkpoint, "crgan")
+        engine = Engine.from_checkpoint(ckpt, str(device))
+        self.synthesizer = Synthesizer(engine, teacher=None)  # the re-id loss needs no soft labels
+        self.image_size = self.synthesizer.model.image_size
+        # The target masks come from the provider the generator was trained with, no stand-in.
+        provider, _ = mask_provider_for(ckpt.train_config)
         items = scan_split(target, "train")
-        cache, done = ensure_masks(provider, items, crgan_mask_cache(crgan_checkpoint, cfg, target) or mask_cache,
-                                   progress=progress)
+        cache, done = ensure_masks(provider, items, crgan_mask_cache(ckpt.path, ckpt.train_config, target)
+                                   or mask_cache, progress=progress)
         kept = set(done)
         items = [it for it in items if it.path in kept]
-        self.dataset = MaskedImageDataset(items, cache, self.renderer.image_size, [-1] * len(items), [-1] * len(items))
+        self.dataset = MaskedImageDataset(items, cache, self.image_size, [-1] * len(items), [-1] * len(items))
         self.sampler = RandomBatchSampler(len(items), batch_size, seed + 11)
         self.device, self.workers = device, workers
         self.stream = endless_batches(lambda s: epoch_loader(self.dataset, s, workers, device),
@@ -55,11 +60,10 @@ class RenderFeed:
             good = ok.nonzero().flatten().to(self.device)
             pick = good[torch.arange(len(ok), device=self.device) % len(good)]
             target, mask = target[pick], mask[pick]
-        size = self.renderer.image_size
+        n = len(source)
+        # The engine brings the sources to the generator's size; the renderings go back to the re-id size.
+        rendered = self.synthesizer(source.detach(), target[:n], mask[:n]).images
         reid_size = tuple(source.shape[-2:])
-        x = source if reid_size == size else F.interpolate(source, size=size, mode="bilinear", align_corners=False)
-        n = len(x)
-        rendered, _ = self.renderer.render(x, target[:n], mask[:n])
-        if reid_size != size:
+        if tuple(rendered.shape[-2:]) != reid_size:
             rendered = F.interpolate(rendered, size=reid_size, mode="bilinear", align_corners=False)
-        return rendered
+        return rendered.to(self.device)

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from generator_service.checkpoint import load_checkpoint, read_plain, resolve_checkpoint
+from generator_service.checkpoint import Checkpoint, read_plain
 from generator_service.images import UnreadableImage, UnreadableImages, decode_image, denormalize, eval_transform
 from reidgen.errors import ReidgenError
 from reidgen.market import Item, LabelMap, scan_split
@@ -67,7 +67,7 @@ EPS = 1e-6
 
 def checkpoint_kind(checkpoint: str | Path) -> str:
     """'dgnet' or 'crgan': which quality measurement a checkpoint (file or run folder) gets."""
-    return load_checkpoint(checkpoint, ("dgnet", "crgan"))["kind"]
+    return Checkpoint.read(checkpoint, ("dgnet", "crgan")).kind
 
 
 # -- the measures (tensors in, per-source figures out) -----------------------------------------
@@ -347,7 +347,7 @@ def _read_masks(items: list[Item], cache, size: tuple[int, int]) -> torch.Tensor
 
 
 @torch.no_grad()
-def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = None, *,
+def measure_crgan_quality(checkpoint: str | Path | Checkpoint, source: str | Path | None = None, *,
                           targets: str | Path | None = None, id_model: str | None = None, n: int = 600,
                           k: int = DEFAULT_K, source_split: str = "train", target_split: str = "gallery",
                           lpips_weights: str | Path | None = None, seed: int = 0, device: str = "auto",
@@ -360,20 +360,18 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
     """
     from generator_service.crgan import ContextRenderer
     from generator_service.device import pick_device
-    from generator_service.masks import build_mask_provider, ensure_masks
+    from generator_service.masks import ensure_masks, mask_provider_for
     from generator_service.teacher import Teacher
     from reidgen.paths import resolve_data
 
     start = time.perf_counter()
-    path = resolve_checkpoint(checkpoint)
     if k < 2:
         raise ReidgenError(f"--k {k}: own-target matching needs at least 2 targets per source")
     if n < k:
         raise ReidgenError(f"--n {n} is below --k {k}: n renderings are n // k sources × k targets")
     dev = pick_device(device)
-    renderer = ContextRenderer(path, dev)
-    ckpt = load_checkpoint(path, "crgan")
-    train = renderer.train_config or {}
+    renderer, ckpt = ContextRenderer.from_checkpoint(checkpoint, dev)  # the file is read once
+    path, train = ckpt.path, ckpt.train_config
     source = source or train.get("source")
     targets = targets or train.get("target")
     judge_path = id_model or train.get("id_model")
@@ -382,7 +380,7 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
         if not value:
             raise ReidgenError(f"checkpoint {path} does not record its {what}; pass {option}")
     source, targets = resolve_data(source), resolve_data(targets)
-    label_map = LabelMap(tuple(ckpt["label_map"]))
+    label_map = LabelMap(ckpt.label_map)
     source_items = [it for it in scan_split(source, source_split) if it.pid > 0]
     target_items = scan_split(targets, target_split)
 
@@ -396,10 +394,7 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
     spread_targets = spread_identities(target_items, seed + 1)
     picked_targets, floor = spread_targets[:count * k], spread_targets[count * k:2 * count * k]
 
-    provider_name = train.get("masks") or "pose"
-    opts = ({"model_path": train["mask_model"]} if train.get("mask_model") and provider_name in ("pose", "selfie")
-            else {})
-    provider = build_mask_provider(provider_name, **opts)
+    provider, _ = mask_provider_for(train)  # the trained-with masks: no stand-in
     mask_root = Path(train["mask_cache"]) if train.get("mask_cache") else run_folder(path) / "masks"
     source_folder = _mask_folder(mask_root, "source", source, train.get("source"))
     source_cache, _ = ensure_masks(provider, picked_sources, source_folder, progress=progress)
@@ -487,7 +482,7 @@ def measure_crgan_quality(checkpoint: str | Path, source: str | Path | None = No
         "fid_real": floor_figures["fid"], "kid_real": floor_figures["kid"], "kid_real_std": floor_figures["kid_std"],
         "fid_note": FID_NOTE.replace("real training images", "held-out target images"),
         "kind": "crgan", "k": k, "sources": len(measured.foreground_l1), "n": int(measured.foreground_l1.numel()),
-        "n_requested": n_requested, "seed": seed, "checkpoint": str(path), "step": ckpt.get("step"),
+        "n_requested": n_requested, "seed": seed, "checkpoint": str(path), "step": ckpt.step,
         "dual_condition": renderer.config.dual_condition,
         "source": str(source), "source_split": source_split, "targets": str(targets), "target_split": target_split,
         "id_model": str(judge_path) if judge is not None else None, "masks": provider.name,

@@ -72,8 +72,8 @@ class OnlineFeed:
         size = tuple(real_images.shape[-2:])
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        # Clones: the engine made them under inference mode, and the classifier's backward needs its inputs.
-        return images.clone().to(self.device), made.soft.clone().to(self.device), real_labels[partner].to(self.device)
+        # Made under no_grad, not inference mode: they enter the classifier's forward and backward as they are.
+        return images.to(self.device), made.soft.to(self.device), real_labels[partner].to(self.device)
 
 
 def cross_identity_partners(labels: torch.Tensor) -> torch.Tensor:
