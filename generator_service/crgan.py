@@ -1,7 +1,8 @@
 """CR-GAN inference: render a source person into a target image's context.
 
-The engine's ``crgan`` kind serves it (`generator_service.kinds`): the HTTP service, the batch
-workers, render grids and the online-render feed of ``train-reid`` all reach it through the engine.
+The engine's ``crgan`` kind runs it (`generator_service.kinds`): the HTTP service, the batch
+workers, render grids and the online-render feed of ``train-reid`` reach it through the engine;
+the quality measurement (`trainer.quality_crgan`) calls it directly, in its own batches.
 """
 from __future__ import annotations
 

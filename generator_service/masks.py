@@ -276,14 +276,14 @@ def mask_provider_for(train_config: Mapping[str, Any] | Any, override: str | Non
     a target sent without a mask still gets one. Without it, the error is raised: trainers and
     measurements must use the very masks the model was trained with.
     """
-    settings = train_config if isinstance(train_config, Mapping) else vars(train_config)
-    trained = settings.get("masks") or "pose"
+    recorded = train_config if isinstance(train_config, Mapping) else vars(train_config)
+    trained = recorded.get("masks") or "pose"
     kind = override or trained
     if kind == "folder":
         kind = "pose"
     opts = {}
-    if kind in ("pose", "selfie") and settings.get("mask_model") and kind == trained:
-        opts["model_path"] = settings["mask_model"]
+    if kind in ("pose", "selfie") and recorded.get("mask_model") and kind == trained:
+        opts["model_path"] = recorded["mask_model"]
     try:
         return build_mask_provider(kind, **opts), kind
     except ReidgenError as exc:
