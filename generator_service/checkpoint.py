@@ -1,11 +1,16 @@
 """Checkpoint files: one format for every model kind, written atomically, refused clearly.
 
-A checkpoint is a dict::
+A checkpoint is a dict, in one layout for every kind (`trainer.loop` writes it)::
 
     {"format": "reidgen", "version": 1, "kind": "reid" | "dgnet" | "crgan" | ...,
-     "model_config": {...}, "label_map": [pid, ...], "model": state_dict, ...extra}
+     "model_config": {...}, "train_config": {...}, "label_map": [pid, ...], "lineage": {...},
+     "models": {name: state_dict}, "optimizers": {name: state_dict}, "step": int, "rng": [per rank],
+     ...extra}
 
-Training checkpoints add optimiser state, step/epoch and RNG states (see the trainers).
+The network inference builds is ``models["model"]`` (CR-GAN's generator: ``models["gen"]``).
+Older files are still read (`Checkpoint.models`, `optimizer_states`, `rng_states`): a single
+``model`` (re-id also ``fine_head``), ``optimizer`` or a list ``optimizers``, one RNG state.
+Imports and inference exports keep the ``model`` form.
 
 Every value in it is a tensor or plain data (numbers, strings, None, lists, tuples, dicts), so
 it is read with ``torch.load(weights_only=True)``: a checkpoint or teacher file someone hands
@@ -154,8 +159,39 @@ class Checkpoint:
         return tuple(self.contents["label_map"])
 
     @property
+    def models(self) -> dict[str, dict]:
+        """Every network's weights by name; an older file's ``model`` (and ``fine_head``) under those names."""
+        if "models" in self.contents:
+            return self.contents["models"]
+        return {name: self.contents[name] for name in ("model", "fine_head") if name in self.contents}
+
+    @property
     def state(self) -> dict:
-        return self.contents["model"]
+        """The weights of the network inference builds (``models["model"]``)."""
+        models = self.models
+        if "model" not in models:
+            raise ReidgenError(f"checkpoint {self.path} holds no single model (it has {', '.join(sorted(models))})")
+        return models["model"]
+
+    def optimizer_states(self, names: tuple[str, ...]) -> dict[str, dict]:
+        """Optimiser states by name; an older file's list (or single ``optimizer``) is named in
+        ``names``' order, the order its trainer kept them in."""
+        saved = self.contents.get("optimizers", self.contents.get("optimizer"))
+        if saved is None:
+            return {}
+        if isinstance(saved, dict) and "param_groups" in saved:  # one optimiser's own state
+            saved = [saved]
+        if isinstance(saved, (list, tuple)):
+            return dict(zip(names, saved))
+        return dict(saved)
+
+    @property
+    def rng_states(self) -> list[dict]:
+        """Every rank's RNG state (an older file of one process: one state)."""
+        rng = self.contents.get("rng")
+        if not rng:
+            return []
+        return [rng] if isinstance(rng, dict) else list(rng)
 
     @property
     def train_config(self) -> dict:

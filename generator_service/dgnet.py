@@ -186,7 +186,7 @@ def export_inference(source: str | Path, out: str | Path) -> Path:
     if out.resolve() == path.resolve():
         raise ReidgenError(f"write the export to a new file, not over {path}")
     payload = {k: ckpt[k] for k in _INFERENCE_KEYS if k in ckpt}
-    payload["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("dis.")}
+    payload["model"] = {k: v for k, v in read.state.items() if not k.startswith("dis.")}
     payload["inference_only"] = True
     payload["exported_from"] = {"file": path.name, "sha256_16": read.identity, "step": ckpt.get("step")}
     # Check it loads before anyone relies on it: the configuration still builds and every key fits.

@@ -34,6 +34,29 @@ def test_run_folders_resolve_in_one_place(tmp_path):
     assert run_folder(tmp_path / "models" / "market.pt") == tmp_path / "models"
 
 
+def test_older_payload_layouts_are_still_read(tmp_path):
+    """Before the one loop: re-id wrote model/optimizer (+ fine_head) and one RNG state, DG-Net a
+    list of optimisers; the reader names them as the new models{}/optimizers{}/rng[] layout does."""
+    weights, head = {"w": torch.ones(2)}, {"h": torch.zeros(1)}
+    sgd = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    rng = {"torch": torch.get_rng_state()}
+    save_checkpoint(tmp_path / "reid.pt", "reid", {"model": weights, "fine_head": head, "optimizer": sgd,
+                                                   "rng": rng, "step": 3, "label_map": [1]})
+    old = Checkpoint.read(tmp_path / "reid.pt", "reid")
+    assert set(old.models) == {"model", "fine_head"} and torch.equal(old.state["w"], weights["w"])
+    assert old.optimizer_states(("model",)) == {"model": sgd} and len(old.rng_states) == 1
+    save_checkpoint(tmp_path / "dgnet.pt", "dgnet", {"model": weights, "optimizers": [sgd, sgd, sgd],
+                                                     "rng": [rng, rng], "step": 3, "label_map": [1]})
+    old = Checkpoint.read(tmp_path / "dgnet.pt", "dgnet")
+    assert set(old.optimizer_states(("ea", "gen", "dis"))) == {"ea", "gen", "dis"} and len(old.rng_states) == 2
+    save_checkpoint(tmp_path / "new.pt", "crgan", {"models": {"gen": weights}, "optimizers": {"g": sgd},
+                                                   "rng": [rng], "step": 3, "label_map": [1]})
+    new = Checkpoint.read(tmp_path / "new.pt", "crgan")
+    assert set(new.models) == {"gen"} and new.optimizer_states(("g", "d")) == {"g": sgd}
+    with pytest.raises(ReidgenError, match="holds no single model"):
+        new.state
+
+
 def test_a_checkpoint_is_read_once_and_names_its_parts(tiny_dgnet, monkeypatch):
     reads = []
     monkeypatch.setattr(checkpoint_module, "read_plain", lambda path, *a: reads.append(path) or read_plain(path, *a))
@@ -59,6 +82,7 @@ def test_the_engine_reads_a_checkpoint_it_is_given_no_second_time(tiny_dgnet, mo
     assert model.name == "dgnet" and model.identity == file_identity(tiny_dgnet["dgnet"])
 
 
+
 def test_a_crgan_checkpoint_is_read_once(tmp_path, monkeypatch):
     from generator_service.crgan import ContextRenderer
     from generator_service.engine import Engine
@@ -77,12 +101,12 @@ def test_a_crgan_checkpoint_is_read_once(tmp_path, monkeypatch):
     with pytest.raises(ReidgenError, match="holds a 'crgan' model; expected 'dgnet'"):
         DGNet.from_checkpoint(path)
 
-
 def _changed_copy(teacher, out):
     """The teacher's file with one weight nudged: same shapes and classes, other content."""
     ckpt = read_plain(teacher)
-    key = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
-    ckpt["model"][key] = ckpt["model"][key] + 0.01
+    weights = ckpt["models"]["model"]
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 0.01
     save_checkpoint(out, ckpt.pop("kind"), {k: v for k, v in ckpt.items() if k not in ("format", "version")})
     return out
 

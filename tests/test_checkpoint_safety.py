@@ -179,7 +179,7 @@ def _with_more_training(ckpt: dict, out: pathlib.Path, **train_config) -> pathli
 def test_real_checkpoints_load_and_resume_with_weights_only(tiny_dgnet, tmp_path):
     teacher = load_checkpoint(tiny_dgnet["teacher"], "reid")
     dgnet = load_checkpoint(tiny_dgnet["dgnet"], "dgnet")
-    assert teacher["rng"]["torch"].dtype == torch.uint8 and all(s["torch"].dtype == torch.uint8 for s in dgnet["rng"])
+    assert all(s["torch"].dtype == torch.uint8 for s in teacher["rng"] + dgnet["rng"])
 
     step = dgnet["step"]
     last = train_dgnet(None, tmp_path / "dgnet", resume=_with_more_training(dgnet, tmp_path / "d.pt",
@@ -212,7 +212,7 @@ def _legacy_checkpoint(tiny_dgnet, path: pathlib.Path) -> pathlib.Path:
     """What an older reidgen might have written: RNG states as numpy, numpy numbers (torch.save directly,
     past `save_checkpoint`'s check)."""
     ckpt = load_checkpoint(tiny_dgnet["teacher"], "reid")
-    ckpt["rng"] = {"torch": ckpt["rng"]["torch"].numpy(), "numpy": np.random.RandomState(0).get_state()}
+    ckpt["rng"] = {"torch": ckpt["rng"][0]["torch"].numpy(), "numpy": np.random.RandomState(0).get_state()}
     ckpt["step"] = np.int64(ckpt["step"])
     torch.save(ckpt, path)
     return path
@@ -234,6 +234,6 @@ def test_convert_checkpoint_needs_trust_then_converts(tiny_dgnet, tmp_path, caps
     assert "checkpoint['rng']['torch']: numpy array → tensor" in out and "converted 3 value(s)" in out
     converted, original = load_checkpoint(new, "reid"), load_checkpoint(tiny_dgnet["teacher"], "reid")
     assert isinstance(converted["step"], int) and converted["step"] == original["step"]
-    assert torch.equal(converted["rng"]["torch"], original["rng"]["torch"])
+    assert torch.equal(converted["rng"]["torch"], original["rng"][0]["torch"])
     set_rng_state(converted["rng"])  # the torch state is a ByteTensor again
-    assert all(torch.equal(converted["model"][k], v) for k, v in original["model"].items())
+    assert all(torch.equal(converted["models"]["model"][k], v) for k, v in original["models"]["model"].items())

@@ -21,6 +21,7 @@ from generator_service.crgan_nets import (
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
 from reidgen.market import link_subset
+from tests.torchrun import check_two_rank_run, run_two_ranks
 from trainer.runlog import read_jsonl
 from trainer.train_crgan import CRGANTrainer, context_loss, crgan_preset_config, train_crgan
 from trainer.train_reid import preset_config, train_reid
@@ -184,3 +185,14 @@ def test_binary_masks_and_paper_context_loss_train_and_render(crgan_run, domains
     assert torch.equal(renderer.render(x, x.flip(0), soft)[0], renderer.render(x, x.flip(0), hard)[0])
     with pytest.raises(ReidgenError, match="--con-loss"):
         CRGANTrainer(small_cfg(domains, id_model, con_loss="l1"), tmp_path / "bad", progress=False)
+
+
+def test_two_processes_stay_in_sync(domains, id_model, tmp_path):
+    """torchrun with 2 CPU processes (gloo): D_cam pre-trained alike, each rank its own batches,
+    gradients averaged, weights identical at the end, rank 0 alone writes (the mask caches too)."""
+    out = tmp_path / "ddp"
+    run_two_ranks(["train-crgan", "--source", str(domains[0]), "--target", str(domains[1]), "--id-model",
+                   str(id_model), "--out", str(out), "--masks", "geometric", "--iterations", "4", "--batch-size", "4",
+                   "--cam-epochs", "1", "--workers", "0", "--grid-every", "0", "--no-amp", "--set", "base_channels=12",
+                   "--set", "dis_channels=16", "--set", "cam_channels=[8,16,32,32]"], port=29519)
+    check_two_rank_run(out, "crgan", "l_con", steps=4)

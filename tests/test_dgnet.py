@@ -3,10 +3,6 @@ the teacher class-order check, swap grids, test-time features and two-process da
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +13,11 @@ from generator_service.dgnet_nets import count_parameters
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
 from reidgen.market import link_subset
+from tests.torchrun import check_two_rank_run, run_two_ranks
 from trainer.evaluate import load_embedder
 from trainer.runlog import read_jsonl
 from trainer.train_dgnet import DGNetTrainer, dgnet_preset_config, train_dgnet
 from trainer.train_reid import preset_config, train_reid
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
@@ -157,15 +152,9 @@ def test_dgnet_checkpoint_evaluates_with_two_feature_parts(dg_run):
 
 
 def test_two_processes_stay_in_sync(data20, teacher, tmp_path):
-    """torchrun with 2 CPU processes (gloo): gradients averaged, weights identical at the end."""
+    """torchrun with 2 CPU processes (gloo): gradients averaged, weights identical at the end, rank 0 alone writes."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "reidgen", "train-dgnet", "--data", str(data20), "--teacher", str(teacher), "--out", str(out),
-           "--backbone", "small_cnn", "--pretrained", "none", "--iterations", "6", "--batch-size", "4",
-           "--workers", "0", "--grid-every", "0"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    end = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "end"][0]
-    assert end["ranks"] == 2 and end["ranks_in_sync"] is True
-    assert len([r for r in read_jsonl(out / "metrics.jsonl") if "l_img1" in r]) == 6
+    run_two_ranks(["train-dgnet", "--data", str(data20), "--teacher", str(teacher), "--out", str(out),
+                   "--backbone", "small_cnn", "--pretrained", "none", "--iterations", "6", "--batch-size", "4",
+                   "--workers", "0", "--grid-every", "0"], port=29517)
+    check_two_rank_run(out, "dgnet", "l_img1", steps=6)

@@ -12,6 +12,7 @@ from generator_service.checkpoint import load_checkpoint, save_checkpoint
 from reidgen.cli import main
 from reidgen.errors import ReidgenError
 from reidgen.market import link_subset
+from tests.torchrun import check_two_rank_run, run_two_ranks
 from trainer.evaluate import evaluate_checkpoint
 from trainer.runlog import read_jsonl
 from trainer.train_reid import preset_config, train_reid
@@ -120,3 +121,12 @@ def test_cli_errors_are_one_line(tmp_path):
     helptext = subprocess.run([sys.executable, "-m", "reidgen", "train-reid", "--help"],
                               capture_output=True, text=True).stdout
     assert "--preset" in helptext and "--resume" in helptext
+
+
+def test_two_processes_stay_in_sync(small_market, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank its own batches, gradients averaged, weights
+    identical at the end, rank 0 alone writes."""
+    out = tmp_path / "ddp"
+    run_two_ranks(["train-reid", "--data", str(small_market), "--out", str(out), "--preset", "tiny", "--batch-size",
+                   "8", "--max-steps", "4", "--workers", "0", "--no-eval"], port=29518)
+    check_two_rank_run(out, "reid", "loss", steps=4)

@@ -98,7 +98,7 @@ def test_train_reid_on_real_plus_shards_and_exact_resume(tiny_dgnet, shards, tmp
         assert 0 <= s["data_wait_s"] <= s["step_s"]
         assert s["loss"] == pytest.approx(s["loss_id"] + 2.0 * s["loss_prim"] + 0.4 * s["loss_fine"], rel=1e-4)
     ckpt = load_checkpoint(run, "reid")
-    assert "fine_head" in ckpt and ckpt["train_config"]["shards"] == [str(shards.resolve())]
+    assert "fine_head" in ckpt["models"] and ckpt["train_config"]["shards"] == [str(shards.resolve())]
 
     # Resumed at step 2, the same real and synthetic samples come back: the same losses follow.
     resumed = tmp_path / "resumed"

@@ -1,12 +1,15 @@
-"""Data parallelism for several GPUs (or CPU processes) under ``torchrun``.
+"""Data parallelism for several GPUs (or CPU processes) under ``torchrun``, for every trainer
+(`trainer.loop`).
 
-DG-Net runs E_a and D several times per iteration, on real and generated images, which
-DistributedDataParallel's one-forward-one-backward hooks do not fit. Instead every rank
+DG-Net runs E_a and D several times per iteration, on real and generated images, and the
+GANs step several optimisers per iteration, which DistributedDataParallel's
+one-forward-one-backward hooks do not fit. Instead every rank
 computes its gradients and they are averaged with one flat all-reduce per optimiser step:
 the same arithmetic as DDP, and a single code path with or without torchrun.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +73,16 @@ def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> Non
     flat /= ctx.world_size
     for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
         g.copy_(synced)
+
+
+@contextlib.contextmanager
+def main_first(ctx: DistContext):
+    """Rank 0 runs the block first (it writes, e.g. a mask cache); the other ranks run it after (they read)."""
+    if ctx.enabled and not ctx.is_main:
+        dist.barrier()
+    yield
+    if ctx.enabled and ctx.is_main:
+        dist.barrier()
 
 
 def gather_objects(obj, ctx: DistContext) -> list:

@@ -12,12 +12,11 @@
         at 0.5, the target's mask M_T likewise. Adam, lr constant for the first half then linear to 0; G is
         updated twice per iteration in the second half.
 
-Run folder: config.json, metrics.jsonl, metrics.png, checkpoints/, grids/ (rows: source,
-target, masked target, context mask, rendering) and masks/ (the mask caches).
+Run folder (`trainer.loop`): config.json, metrics.jsonl, metrics.png, checkpoints/, grids/ (rows:
+source, target, masked target, context mask, rendering) and masks/ (the mask caches).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from generator_service.checkpoint import load_checkpoint, load_state, save_checkpoint
+from generator_service.checkpoint import Checkpoint, lineage_entry
 from generator_service.crgan_nets import (
     CRGAN_PRESETS,
     CameraClassifier,
@@ -35,19 +34,17 @@ from generator_service.crgan_nets import (
     DomainDiscriminator,
     mask_person,
 )
-from generator_service.device import autocast, pick_device
 from generator_service.dgnet_nets import lsgan_d_loss, lsgan_g_loss
-from generator_service.images import image_grid, normalize
+from generator_service.images import normalize
 from generator_service.masks import build_mask_provider, ensure_masks
-from generator_service.reid_model import ReidModelConfig, ReidNet
+from generator_service.reid_model import ReidNet
 from reidgen.config import config_from_dict, config_to_dict, from_preset
 from reidgen.errors import ReidgenError
 from reidgen.market import LabelMap, scan_split
 from trainer.data import MaskedImageDataset, endless_batches, epoch_loader
-from trainer.device import rng_state, set_rng_state
-from trainer.runlog import RunLog, plot_metrics
+from trainer.loop import Plot, Task, TrainLoop
 from trainer.samplers import RandomBatchSampler
-from trainer.schedule import constant_then_linear_factor, set_lr
+from trainer.schedule import constant_then_linear_factor
 
 
 @dataclass
@@ -128,27 +125,31 @@ def binarize(mask: torch.Tensor) -> torch.Tensor:
 
 def load_id_model(path: str, label_map: LabelMap, device: torch.device) -> ReidNet:
     """D_id: the source re-id model, frozen, with the source's class order."""
-    ckpt = load_checkpoint(path, "reid")
-    LabelMap(tuple(ckpt["label_map"])).require_same(label_map, f"identity model {path} vs the source data")
-    net = ReidNet(config_from_dict(ReidModelConfig, ckpt["model_config"]), len(label_map))
-    load_state(net, ckpt["model"], f"identity model {path}")
+    ckpt = Checkpoint.read(path, "reid")
+    LabelMap(ckpt.label_map).require_same(label_map, f"identity model {path} vs the source data")
+    net, _ = ReidNet.from_checkpoint(ckpt)
     return net.to(device).eval().requires_grad_(False)
 
 
-class CRGANTrainer:
+class CRGANTrainer(Task):
+    """The networks, optimisers and data of one run, a task on `trainer.loop`; `run()` trains to the end."""
+
+    kind = "crgan"
+
     def __init__(self, cfg: CRGANTrainConfig | None, out: str | Path, resume: str | Path | None = None,
                  progress: bool = True):
-        ckpt = load_checkpoint(resume, "crgan") if resume else None
+        self.loop = loop = TrainLoop("crgan", out, resume, progress)
+        ckpt = loop.resumed
         if ckpt is not None:
             # a run from before --con-loss trained with the mean of squares: it resumes with it
-            cfg = config_from_dict(CRGANTrainConfig, {"con_loss": "mean_square", **ckpt["train_config"]})
+            cfg = config_from_dict(CRGANTrainConfig, {"con_loss": "mean_square", **ckpt.train_config})
         assert cfg is not None
         if not cfg.id_model:
             raise ReidgenError("--id-model is required: a baseline re-id model trained on the source (train-reid)")
         if cfg.con_loss not in CON_LOSSES:
             raise ReidgenError(f"--con-loss {cfg.con_loss!r}: choose one of {', '.join(CON_LOSSES)}")
-        self.cfg, self.out, self.progress = cfg, Path(out), progress
-        self.device = pick_device(cfg.device)
+        self.cfg, self.out = cfg, Path(out)
+        self.device = loop.pick_device(cfg.device, cfg.amp)
         size = cfg.model.image_size
 
         self.source_items = scan_split(cfg.source, "train")
@@ -156,13 +157,15 @@ class CRGANTrainer:
         self.label_map = LabelMap.from_items(self.source_items)
         self.cameras = sorted({it.camid for it in self.target_items})
         self.d_id = load_id_model(cfg.id_model, self.label_map, self.device)
+        self.lineage = {"id_model": lineage_entry(cfg.id_model)}
 
         provider_opts = {"model_path": cfg.mask_model} if cfg.mask_model and cfg.masks in ("pose", "selfie") else {}
         provider = build_mask_provider(cfg.masks, **provider_opts)
         mask_root = Path(cfg.mask_cache) if cfg.mask_cache else self.out / "masks"
         datasets = []
         for name, items in (("source", self.source_items), ("target", self.target_items)):
-            cache, done = ensure_masks(provider, items, mask_root / name, progress=progress)
+            with loop.main_first():  # rank 0 fills the mask cache, the other ranks read it
+                cache, done = ensure_masks(provider, items, mask_root / name, progress=loop.progress)
             kept = set(done)
             items = [it for it in items if it.path in kept]  # unreadable images were reported and left out
             labels = [self.label_map.index(it.pid) if name == "source" else -1 for it in items]
@@ -176,23 +179,18 @@ class CRGANTrainer:
         self.d_cam = CameraClassifier(len(self.cameras), cfg.model).to(self.device)
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr, betas=cfg.betas)
         self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=cfg.lr, betas=cfg.betas)
-        for opt in (self.opt_g, self.opt_d):
-            for g in opt.param_groups:
-                g["initial_lr"] = g["lr"]
-        self.step, self.cam_trained = 0, False
-        if ckpt is not None:
-            for name in ("gen", "dis", "d_cam"):
-                load_state(getattr(self, name), ckpt["models"][name], f"checkpoint {resume} ({name})")
-            self.opt_g.load_state_dict(ckpt["optimizers"]["g"])
-            self.opt_d.load_state_dict(ckpt["optimizers"]["d"])
-            self.step, self.cam_trained = ckpt["step"], True
-            set_rng_state(ckpt["rng"])
-        self.resumed_from = self.step if ckpt is not None else None
-        self.samplers = [RandomBatchSampler(len(self.source), cfg.batch_size, cfg.seed),
-                         RandomBatchSampler(len(self.target), cfg.batch_size, cfg.seed + 1)]
+        self.models = {"gen": self.gen, "dis": self.dis, "d_cam": self.d_cam}
+        self.optimizers = {"g": self.opt_g, "d": self.opt_d}
+        self.step = 0
+        loop.restore(self)
+        self.cam_trained = ckpt is not None
+        seed = loop.rank_seed(cfg.seed)
+        self.samplers = [RandomBatchSampler(len(self.source), cfg.batch_size, seed),
+                         RandomBatchSampler(len(self.target), cfg.batch_size, seed + 1)]
 
     # -- D_cam pre-training ----------------------------------------------------------------------
-    def pretrain_camera_classifier(self, log: RunLog) -> None:
+    def pretrain_camera_classifier(self) -> None:
+        """Every rank the same batches (one seed), gradients averaged: the ranks end with one D_cam."""
         cfg = self.cfg
         opt = torch.optim.Adam(self.d_cam.parameters(), lr=cfg.cam_lr)
         sampler = RandomBatchSampler(len(self.target), 32 if len(self.target) >= 32 else len(self.target), cfg.seed + 7)
@@ -201,23 +199,23 @@ class CRGANTrainer:
             sampler.set_epoch(epoch)
             correct = seen = 0
             batches = tqdm(epoch_loader(self.target, sampler, cfg.workers, self.device), total=len(sampler),
-                           desc=f"D_cam epoch {epoch + 1}/{cfg.cam_epochs}", disable=not self.progress, leave=False)
+                           desc=f"D_cam epoch {epoch + 1}/{cfg.cam_epochs}", disable=not self.loop.progress,
+                           leave=False)
             for images, _, _, cams, ok in batches:
                 images, cams = images[ok].to(self.device), cams[ok].to(self.device)
-                with autocast(self.device, cfg.amp):
+                with self.loop.autocast():
                     logits = self.d_cam(images)
                 loss = F.cross_entropy(logits.float(), cams)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                self.loop.update(loss, opt)
                 correct += (logits.argmax(1) == cams).sum().item()
                 seen += len(cams)
-            log.write(step=0, event="d_cam", epoch=epoch, cam_loss=loss.item(), cam_acc=correct / max(1, seen))
+            self.loop.write(step=0, event="d_cam", epoch=epoch, cam_loss=loss.item(), cam_acc=correct / max(1, seen))
         self.cam_trained = True
 
     # -- one iteration -------------------------------------------------------------------------
-    def train_step(self, source_batch, target_batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, float]:
         cfg = self.cfg
+        source_batch, target_batch = batch
         xs, ms, ys, _, ok_s = source_batch
         xt, mt, _, ct, ok_t = target_batch
         n = int(min(ok_s.sum(), ok_t.sum()))
@@ -230,19 +228,17 @@ class CRGANTrainer:
             ms, mt = binarize(ms), binarize(mt)
         xt_masked = mask_person(xt, mt)
 
-        with autocast(dev, cfg.amp):
+        with self.loop.autocast():
             with torch.no_grad():
                 fake = self.gen(xs, xt_masked if cfg.model.dual_condition else None)[0]
             d_loss = lsgan_d_loss([self.dis(xt)], [self.dis(fake)])
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.float().backward()
-        self.opt_d.step()
+        self.loop.update(d_loss, self.opt_d)
 
         # G twice per iteration in the second half, to keep up with D (paper).
         g_updates = 2 if self.step >= cfg.iterations / 2 else 1
         self.dis.requires_grad_(False)
         for _ in range(g_updates):
-            with autocast(dev, cfg.amp):
+            with self.loop.autocast():
                 xg, _, context_mask = self.gen(xs, xt_masked if cfg.model.dual_condition else None)
                 l_adv = lsgan_g_loss([self.dis(xg)])
                 l_cam = F.cross_entropy(self.d_cam(xg).float(), ct)
@@ -250,77 +246,55 @@ class CRGANTrainer:
                 l_con = context_loss(xg, xs, xt, ms, cfg.con_loss)
                 total = (cfg.lambda_adv * l_adv + cfg.lambda_id * l_id + cfg.lambda_cam * l_cam
                          + cfg.lambda_con * l_con)
-            self.opt_g.zero_grad(set_to_none=True)
-            total.float().backward()
-            self.opt_g.step()
+            self.loop.update(total, self.opt_g)
         self.dis.requires_grad_(True)
         self._last = (xs[:6], xt[:6], xt_masked[:6], context_mask[:6].detach(), xg[:6].detach())
         return dict(d_loss=d_loss.item(), total=total.item(), l_adv=l_adv.item(), l_cam=l_cam.item(),
                     l_id=l_id.item(), l_con=l_con.item(), context_mask_mean=context_mask.mean().item(),
                     g_updates=g_updates)
 
-    # -- the loop --------------------------------------------------------------------------------
+    # -- the loop's hooks ------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg, out = self.cfg, self.out
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        log = RunLog(out / "metrics.jsonl", resume_step=self.resumed_from)
+        return self.loop.run(self)
+
+    def before_training(self) -> None:
         if not self.cam_trained:
-            self.pretrain_camera_classifier(log)
+            self.pretrain_camera_classifier()
         self.d_cam.eval().requires_grad_(False)  # a fixed judge of camera style from here on
-        total = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
-        last = out / "checkpoints" / "last.pt"
-        datasets = (self.source, self.target)
-        batches = endless_batches(
-            lambda sampler: epoch_loader(datasets[self.samplers.index(sampler)], sampler, cfg.workers, self.device),
-            self.samplers, self.step)
-        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="it", dynamic_ncols=True)
         self.gen.train()
         self.dis.train()
-        while self.step < total:
-            factor = constant_then_linear_factor(self.step, cfg.iterations)
-            set_lr(self.opt_g, factor)
-            set_lr(self.opt_d, factor)
-            logs = self.train_step(*next(batches))
-            self.step += 1
-            bar.update(1)
-            if logs:
-                log.write(step=self.step, lr_factor=factor, **logs)
-                bar.set_postfix(con=f"{logs['l_con']:.3f}", id=f"{logs['l_id']:.2f}", d=f"{logs['d_loss']:.2f}")
-            if cfg.grid_every and self.step % cfg.grid_every == 0:
-                self.write_grid()
-            if self.step % cfg.checkpoint_every == 0 or self.step == total:
-                self.save(last)
-        bar.close()
-        log.close()
-        plot_metrics(out / "metrics.jsonl", out / "metrics.png",
-                     ["l_con", "l_id", "l_cam", "l_adv", "d_loss", "context_mask_mean"],
-                     title=f"train-crgan {cfg.source} → {cfg.target}")
-        self.write_grid()
-        return last
 
-    def save(self, path: Path) -> None:
-        payload = {
-            "model_config": config_to_dict(self.cfg.model), "train_config": config_to_dict(self.cfg),
-            "label_map": self.label_map.to_list(), "cameras": self.cameras,
-            "models": {"gen": self.gen.state_dict(), "dis": self.dis.state_dict(), "d_cam": self.d_cam.state_dict()},
-            "optimizers": {"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict()},
-            "step": self.step, "rng": rng_state(),
-        }
-        save_checkpoint(path, "crgan", payload)
-        if self.cfg.keep_checkpoints:
-            save_checkpoint(path.with_name(f"step_{self.step:07d}.pt"), "crgan", payload)
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        return min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
 
-    def write_grid(self) -> None:
-        """Rows: source, target, masked target, context mask, rendering."""
+    def batches(self):
+        datasets = (self.source, self.target)
+        return endless_batches(lambda sampler: epoch_loader(datasets[self.samplers.index(sampler)], sampler,
+                                                            self.cfg.workers, self.device),
+                               self.samplers, self.step)
+
+    def lr_factor(self) -> float:
+        return constant_then_linear_factor(self.step, self.cfg.iterations)
+
+    def postfix(self, logs: dict) -> dict:
+        return {"con": f"{logs['l_con']:.3f}", "id": f"{logs['l_id']:.2f}", "d": f"{logs['d_loss']:.2f}"}
+
+    def plots(self) -> list[Plot]:
+        cfg = self.cfg
+        return [Plot("metrics.png", ("l_con", "l_id", "l_cam", "l_adv", "d_loss", "context_mask_mean"),
+                     f"train-crgan {cfg.source} → {cfg.target}")]
+
+    def checkpoint_fields(self) -> dict:
+        return {"model_config": config_to_dict(self.cfg.model), "train_config": config_to_dict(self.cfg),
+                "label_map": self.label_map.to_list(), "cameras": self.cameras, "lineage": self.lineage}
+
+    def grid_rows(self) -> list[list[torch.Tensor]] | None:
+        """Rows: source, target, masked target, context mask (as a grey picture), rendering."""
         if not getattr(self, "_last", None):
-            return
+            return None
         xs, xt, xtm, cmask, xg = self._last
-        mask_img = normalize(cmask)  # the mask as a grey picture
-        grid_dir = self.out / "grids"
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        rows = [list(xs), list(xt), list(xtm), list(mask_img), list(xg)]
-        image_grid(rows).save(grid_dir / f"step_{self.step:07d}.png")
+        return [list(xs), list(xt), list(xtm), list(normalize(cmask)), list(xg)]
 
 
 def train_crgan(cfg: CRGANTrainConfig | None, out: str | Path, resume: str | Path | None = None,

@@ -24,7 +24,6 @@ fractions of the run (paper: 100K iterations, feeding from 30K with a 4K ramp, l
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,33 +33,20 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import RandomErasing
-from tqdm import tqdm
 
 from generator_service.backbones import BACKBONE_CHANNELS
-from generator_service.checkpoint import Checkpoint, load_state, run_checkpoint, save_checkpoint
-from generator_service.device import autocast, pick_device
+from generator_service.checkpoint import Checkpoint, load_state
 from generator_service.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
 from generator_service.dgnet_nets import reference_init, to_grey
-from generator_service.images import UnreadableImages, eval_transform, image_grid
+from generator_service.images import UnreadableImages, eval_transform
 from generator_service.teacher import Teacher
 from reidgen.config import config_from_dict, config_to_dict, from_preset
 from reidgen.errors import ReidgenError
 from reidgen.market import LabelMap, scan_split
 from trainer.data import ImageDataset, endless_batches, epoch_loader
-from trainer.device import rng_state, set_rng_state
-from trainer.distributed import (
-    DistContext,
-    average_gradients,
-    broadcast_parameters,
-    device_for,
-    gather_objects,
-    init_distributed,
-    parameter_checksum,
-    shutdown,
-)
-from trainer.runlog import RunLog, plot_metrics
+from trainer.loop import Plot, Task, TrainLoop
 from trainer.samplers import PositiveSampler, RandomBatchSampler
-from trainer.schedule import set_lr, warmup_step_factor
+from trainer.schedule import warmup_step_factor
 from trainer.transforms import train_transform
 
 
@@ -209,13 +195,17 @@ def ramp_weight(step: int, cfg: DGNetTrainConfig) -> float:
     return float(np.clip((step - start) / length, 0.0, 1.0))
 
 
-class DGNetTrainer:
-    """Holds the networks, optimisers and data of one run; `run()` trains to the end."""
+class DGNetTrainer(Task):
+    """Holds the networks, optimisers and data of one run, a task on `trainer.loop`; `run()` trains
+    to the end."""
+
+    kind = "dgnet"
+    save_untrained = True
 
     def __init__(self, cfg: DGNetTrainConfig, out: str | Path, resume: str | Path | None = None,
                  progress: bool = True):
-        self.ctx: DistContext = init_distributed()
-        ckpt = Checkpoint.read(resume, "dgnet") if resume else None
+        self.loop = TrainLoop("dgnet", out, resume, progress)
+        ckpt = self.loop.resumed
         if ckpt is not None and ckpt.get("inference_only"):
             raise ReidgenError(f"{resume} is an inference export (no D, optimiser or RNG state): training cannot "
                                f"resume from it; start a new run from its weights with --init {resume}")
@@ -224,8 +214,8 @@ class DGNetTrainer:
         start = Checkpoint.read(cfg.init_from, "dgnet") if ckpt is None and cfg.init_from else None
         if start is not None:  # the weights decide the architecture
             cfg = replace(cfg, model=config_from_dict(DGNetConfig, start.model_config), ea_from_teacher=False)
-        self.cfg, self.out, self.progress = cfg, Path(out), progress and self.ctx.is_main
-        self.device = pick_device(device_for(self.ctx, cfg.device))
+        self.cfg, self.out = cfg, Path(out)
+        self.device = self.loop.pick_device(cfg.device, cfg.amp, cfg.cpu_bf16)
         items = scan_split(cfg.data, "train")
         self.items = items
         self.label_map = LabelMap.from_items(items)
@@ -256,7 +246,6 @@ class DGNetTrainer:
         if start is not None:
             self._load_start(start)
         self.net.to(self.device)
-        broadcast_parameters(self.net, self.ctx)
         ea = self.net.ea
         self.opt_ea = torch.optim.SGD(
             [{"params": list(ea.backbone.parameters()), "lr": cfg.lr_ea},
@@ -265,28 +254,20 @@ class DGNetTrainer:
         adam = dict(lr=cfg.lr_gen, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.opt_gen = torch.optim.Adam(list(self.net.es.parameters()) + list(self.net.dec.parameters()), **adam)
         self.opt_dis = torch.optim.Adam(self.net.dis.parameters(), **adam)
-        for opt in self.optimizers:
-            for g in opt.param_groups:
-                g["initial_lr"] = g["lr"]
+        self.models = {"model": self.net}
+        # Named in the order of an older checkpoint's list.
+        self.optimizers = {"ea": self.opt_ea, "gen": self.opt_gen, "dis": self.opt_dis}
         self.step = 0
-        if ckpt is not None:
-            load_state(self.net, ckpt["model"], f"checkpoint {resume}")
-            for opt, state in zip(self.optimizers, ckpt["optimizers"]):
-                opt.load_state_dict(state)
-            self.step = ckpt["step"]
-            states = ckpt["rng"]
-            if len(states) == self.ctx.world_size:
-                set_rng_state(states[self.ctx.rank])
+        self.loop.restore(self)
 
         size = cfg.model.image_size
         images = ImageDataset(items, train_transform(size, pad=cfg.pad, erasing_p=0), self.label_map, size)
         self.pairs = PairDataset(images)
         # Two independent loaders, as in the reference; each rank draws its own batches.
-        seed = cfg.seed + 1000 * self.ctx.rank
+        seed = self.loop.rank_seed(cfg.seed)
         self.samplers = [RandomBatchSampler(len(items), cfg.batch_size, seed + i) for i in (0, 1)]
         self.erase = RandomErasing(p=cfg.erasing_p, value=0) if cfg.erasing_p > 0 else None
         self.unreadable = UnreadableImages(strict=cfg.strict_images)
-        self.resumed_from = self.step if ckpt is not None else None
 
     def _initialise(self) -> None:
         cfg = self.cfg
@@ -310,10 +291,6 @@ class DGNetTrainer:
             if name == "dis" and not any(k.startswith("dis.") for k in start.state):
                 continue
             start.load_into(getattr(self.net, name), prefix=name + ".")
-
-    @property
-    def optimizers(self):
-        return (self.opt_ea, self.opt_gen, self.opt_dis)
 
     # -- data ----------------------------------------------------------------------------------
     def _batches(self):
@@ -432,29 +409,20 @@ class DGNetTrainer:
                   "l_cycle": lam["cycle"]}
         return sum(weight[name] * value for name, value in losses.items())
 
-    def train_step(self, a, b) -> dict[str, float]:
-        net = self.net
-        (xa, ya, pa), (xb, yb, pb) = self._prepare(a, b)
+    def train_step(self, batch) -> dict[str, float]:
+        (xa, ya, pa), (xb, yb, pb) = self._prepare(*batch)
         if len(xa) < 2:
             return {}
-        with autocast(self.device, self.cfg.amp, self.cfg.cpu_bf16):
+        with self.loop.autocast():
             gen = self.generate(xa, xb, pa, pb)
             # D step first, on this forward's detached cross-identity images.
             d = self.d_losses(gen["real"], gen["x_cross"])
-        self.opt_dis.zero_grad(set_to_none=True)
-        (d["d_adv"] + d["d_r1"]).float().backward()
-        average_gradients(list(net.dis.parameters()), self.ctx)
-        self.opt_dis.step()
+        self.loop.update(d["d_adv"] + d["d_r1"], self.opt_dis)
 
-        with autocast(self.device, self.cfg.amp, self.cfg.cpu_bf16):
+        with self.loop.autocast():
             losses = self.g_losses(gen, pa, pb, ya, yb)
             total = self.weighted_total(losses)
-        for opt in (self.opt_ea, self.opt_gen):
-            opt.zero_grad(set_to_none=True)
-        total.float().backward()
-        average_gradients([p for m in (net.ea, net.es, net.dec) for p in m.parameters()], self.ctx)
-        self.opt_ea.step()
-        self.opt_gen.step()
+        self.loop.update(total, self.opt_ea, self.opt_gen)
 
         lam = self.lambdas()
         logs = {name: v.item() for name, v in {**d, **losses}.items()}
@@ -464,52 +432,43 @@ class DGNetTrainer:
         self._last_images = (xa[:4], xb[:4], gen["x_self"][:4], gen["x_pos"][:4], x_cross[n:n + 4], x_cross[:4])
         return logs
 
-    # -- the loop --------------------------------------------------------------------------------
+    # -- the loop's hooks ------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg, out = self.cfg, self.out
-        total = min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
-        last = run_checkpoint(out)
-        log = None
-        if self.ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-            log = RunLog(out / "metrics.jsonl", resume_step=self.resumed_from)
-        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="it", dynamic_ncols=True)
-        self.net.train()
-        if cfg.keep_checkpoints and self.step == 0:
-            self.save(last)  # the untrained state too: "before" for every later comparison
-        batches = self._batches()
-        while self.step < total:
-            factor = warmup_step_factor(self.step / cfg.iterations, milestones=cfg.milestones, gamma=cfg.gamma)
-            for opt in self.optimizers:
-                set_lr(opt, factor)
-            logs = self.train_step(*next(batches))
-            self.step += 1
-            bar.update(1)
-            if log is not None and logs:
-                log.write(step=self.step, lr_factor=factor, **logs)
-                bar.set_postfix(img1=f"{logs['l_img1']:.3f}", d=f"{logs['d_adv']:.2f}", acc=f"{logs['acc_real']:.2f}")
-            if cfg.grid_every and self.step % cfg.grid_every == 0 and self.ctx.is_main:
-                self.write_grid()
-            if log is not None and cfg.quality_every and (self.step % cfg.quality_every == 0 or self.step == 1):
-                log.write(step=self.step, event="quality", **self.quality())
-            if self.step % cfg.checkpoint_every == 0 or self.step == total:
-                self.save(last)
-        bar.close()
-        sums = gather_objects(parameter_checksum(self.net), self.ctx)
-        if log is not None:
-            log.write(step=self.step, event="end", ranks=self.ctx.world_size, parameter_checksums=sums,
-                      ranks_in_sync=len(set(sums)) == 1, unreadable=self.unreadable.paths)
-            log.close()
-            plot_metrics(out / "metrics.jsonl", out / "metrics.png",
-                         ["l_img1", "l_img2", "l_code", "l_id_cross", "l_id_self", "l_id_pos", "l_adv", "d_adv",
-                          "l_prim", "l_fine", "acc_real"], title=f"train-dgnet {cfg.data}")
-            if cfg.quality_every:
-                plot_metrics(out / "metrics.jsonl", out / "quality.png", list(QUALITY_CURVES), event="quality",
-                             title=f"generation quality on {cfg.quality_images} fixed training images")
-            self.write_grid()
-        shutdown(self.ctx)
-        return last
+        return self.loop.run(self)
+
+    def total_steps(self) -> int:
+        cfg = self.cfg
+        return min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
+
+    def batches(self):
+        return self._batches()
+
+    def lr_factor(self) -> float:
+        return warmup_step_factor(self.step / self.cfg.iterations, milestones=self.cfg.milestones,
+                                  gamma=self.cfg.gamma)
+
+    def postfix(self, logs: dict) -> dict:
+        return {"img1": f"{logs['l_img1']:.3f}", "d": f"{logs['d_adv']:.2f}", "acc": f"{logs['acc_real']:.2f}"}
+
+    def quality_due(self) -> bool:
+        every = self.cfg.quality_every
+        return bool(every) and (self.step % every == 0 or self.step == 1)
+
+    def plots(self) -> list[Plot]:
+        cfg = self.cfg
+        plots = [Plot("metrics.png", ("l_img1", "l_img2", "l_code", "l_id_cross", "l_id_self", "l_id_pos", "l_adv",
+                                      "d_adv", "l_prim", "l_fine", "acc_real"), f"train-dgnet {cfg.data}")]
+        if cfg.quality_every:
+            plots.append(Plot("quality.png", QUALITY_CURVES, f"generation quality on {cfg.quality_images} fixed "
+                              "training images", event="quality"))
+        return plots
+
+    def checkpoint_fields(self) -> dict:
+        return {"model_config": config_to_dict(self.cfg.model), "train_config": config_to_dict(self.cfg),
+                "label_map": self.label_map.to_list(), "lineage": self.lineage}
+
+    def after_training(self) -> dict:
+        return {"unreadable": self.unreadable.paths}
 
     def quality(self) -> dict[str, float]:
         """Cheap generation-quality figures on a fixed set of real training images (the same set
@@ -526,31 +485,14 @@ class DGNetTrainer:
             self._quality_batch = (torch.stack(x).to(self.device), torch.tensor(y, device=self.device))
         # A forked RNG: measuring must not change the training that follows (exact resume).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                autocast(self.device, self.cfg.amp, self.cfg.cpu_bf16):
+                self.loop.autocast():
             return cheap_quality(self.net, self.teacher, *self._quality_batch, seed=self.cfg.seed)
 
-    def save(self, path: Path) -> None:
-        states = gather_objects(rng_state(), self.ctx)  # every rank's, for an exact resume
-        if not self.ctx.is_main:
-            return
-        payload = {
-            "model_config": config_to_dict(self.cfg.model), "train_config": config_to_dict(self.cfg),
-            "label_map": self.label_map.to_list(), "model": self.net.state_dict(),
-            "optimizers": [opt.state_dict() for opt in self.optimizers], "step": self.step, "rng": states,
-            "lineage": self.lineage,
-        }
-        save_checkpoint(path, "dgnet", payload)
-        if self.cfg.keep_checkpoints:
-            save_checkpoint(path.with_name(f"step_{self.step:07d}.pt"), "dgnet", payload)
-
-    def write_grid(self) -> None:
+    def grid_rows(self) -> list[list[torch.Tensor]] | None:
         """Rows: a, b, G(a_a, s_a), G(a_pos, s_a), G(a_a, s_b), G(a_b, s_a)."""
         if not getattr(self, "_last_images", None):
-            return
-        rows = [list(t) for t in self._last_images]
-        grid_dir = self.out / "grids"
-        grid_dir.mkdir(parents=True, exist_ok=True)
-        image_grid(rows).save(grid_dir / f"step_{self.step:07d}.png")
+            return None
+        return [list(t) for t in self._last_images]
 
 
 def train_dgnet(cfg: DGNetTrainConfig | None, out: str | Path, resume: str | Path | None = None,

@@ -6,13 +6,14 @@ Run folder::
     RUN/metrics.jsonl        a line per step (loss, acc, lr) and per epoch
     RUN/metrics.png          loss / accuracy curves
     RUN/checkpoints/last.pt  model, optimiser, step, RNG states, label map (resumes exactly)
-    RUN/eval.json            query/gallery evaluation after training (if the data has it)
+    RUN/eval.json            query/gallery evaluation after training (if the data has it; the CLI)
+
+A task on `trainer.loop`, which owns the run folder, checkpoints and torchrun; the feeds
+(shards, online generator, online render) are its data sources.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,19 +22,17 @@ from torch.nn import functional as F
 from torchvision.transforms import RandomErasing
 from tqdm import tqdm
 
-from generator_service.checkpoint import Checkpoint, load_state, run_checkpoint, save_checkpoint
-from generator_service.device import autocast, pick_device
+from generator_service.checkpoint import Checkpoint, lineage_entry
 from generator_service.images import UnreadableImages
 from generator_service.reid_model import ClassifierHead, ReidModelConfig, ReidNet
 from reidgen.config import config_from_dict, config_to_dict, from_preset
 from reidgen.errors import ReidgenError
 from reidgen.market import LabelMap, scan_split
-from trainer.data import ImageDataset, epoch_loader
-from trainer.device import rng_state, set_rng_state
+from trainer.data import ImageDataset, endless_batches, epoch_loader
+from trainer.loop import Plot, Task, TrainLoop
 from trainer.online_render import RenderFeed
-from trainer.runlog import RunLog, plot_metrics
 from trainer.samplers import PKBatchSampler, RandomBatchSampler
-from trainer.schedule import set_lr, warmup_step_factor
+from trainer.schedule import warmup_step_factor
 from trainer.synthetic import OnlineFeed, ShardFeed, synthetic_losses
 from trainer.transforms import train_transform
 
@@ -106,163 +105,170 @@ def build_optimizer(model: ReidNet, cfg: ReidTrainConfig, extra_heads: list[torc
     return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
 
-def train_reid(cfg: ReidTrainConfig, out: str | Path, resume: str | Path | None = None, progress: bool = True) -> Path:
-    """Train (or resume) a baseline re-id model; returns the path of the last checkpoint."""
-    out = Path(out)
-    ckpt = None
-    if resume is not None:
-        ckpt = Checkpoint.read(resume, "reid")
-        cfg = config_from_dict(ReidTrainConfig, ckpt.train_config)
-    items = scan_split(cfg.data, "train")
-    label_map = LabelMap.from_items(items)
-    if ckpt is not None:
-        LabelMap(ckpt.label_map).require_same(label_map, f"resuming {resume} on {cfg.data}")
+class ReidTask(Task):
+    """Cross-entropy on identities, on real images alone or with a feed: images rendered into
+    target contexts (``online_render``), or generated ones from shards or a DG-Net checkpoint."""
 
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    if cfg.online_render and not cfg.target:
-        raise ReidgenError("--online-render needs --target (the data set whose contexts are rendered)")
-    init = Checkpoint.read(cfg.init, "reid") if cfg.init and ckpt is None else None
-    if init is not None:
-        LabelMap(init.label_map).require_same(label_map, f"--init {cfg.init} vs {cfg.data}")
-        model, _ = ReidNet.from_checkpoint(init)
-        cfg = replace(cfg, model=model.config)
-    else:
-        model = ReidNet(cfg.model, len(label_map), pretrained="none" if ckpt else cfg.pretrained)
-    # channels_last: measured 1.4× faster steps on CPU for EfficientNet-Lite0, and the layout AMP wants on GPU.
-    model = model.to(device, memory_format=torch.channels_last)
-    synthetic = bool(cfg.shards or cfg.online_generator)
-    if cfg.shards and cfg.online_generator:
-        raise ReidgenError("give --shards or --online-generator, not both")
-    if synthetic and cfg.online_render:
-        raise ReidgenError("--shards/--online-generator (DG-Net samples) and --online-render (CR-GAN) do not mix")
-    # DG-Net's fine-grained head: trained on generated images only (L_fine), not used at test time.
-    fine_head = ClassifierHead(model.backbone.out_channels, len(label_map), cfg.model.bottleneck, 0.75).to(device) \
-        if synthetic else None
-    optimizer = build_optimizer(model, cfg, [fine_head] if fine_head is not None else [])
-    step = 0
-    if ckpt is not None:
-        load_state(model, ckpt["model"], f"checkpoint {resume}")
-        if fine_head is not None:
-            load_state(fine_head, ckpt["fine_head"], f"checkpoint {resume} (fine-grained head)")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+    kind = "reid"
 
-    dataset = ImageDataset(items, train_transform(cfg.model.image_size, pad=cfg.pad,
-                                                  erasing_p=0 if cfg.online_render else cfg.erasing_p),
-                           label_map, cfg.model.image_size)
-    if cfg.sampler == "pk":
-        sampler = PKBatchSampler([it.pid for it in items], cfg.p, cfg.k, seed=cfg.seed)
-    elif cfg.sampler == "random":
-        sampler = RandomBatchSampler(len(items), cfg.batch_size, seed=cfg.seed)
-    else:
-        raise ReidgenError(f"unknown sampler {cfg.sampler!r}; expected random or pk")
-    steps_per_epoch = len(sampler)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-    log = RunLog(out / "metrics.jsonl", resume_step=step if ckpt else None)
-    unreadable = UnreadableImages(strict=cfg.strict_images)
-    last = run_checkpoint(out)
-
-    def save(path: Path) -> None:
-        save_checkpoint(path, "reid", {
-            "model_config": config_to_dict(cfg.model), "train_config": config_to_dict(cfg),
-            "label_map": label_map.to_list(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "step": step, "rng": rng_state(),
-            **({"fine_head": fine_head.state_dict()} if fine_head is not None else {}),
-        })
-
-    # Cross-domain fine-tuning: sources rendered into target contexts; random erasing comes after
-    # the rendering, not before.
-    render = erase_after = None
-    if cfg.online_render:
-        batch = cfg.p * cfg.k if cfg.sampler == "pk" else cfg.batch_size
-        render = RenderFeed(cfg.online_render, cfg.target, device, batch, cfg.seed, cfg.workers, step,
-                            out / "masks" / "target", progress=progress)
-        erase_after = RandomErasing(p=cfg.erasing_p, value=0) if cfg.erasing_p > 0 else None
-    feed = None
-    if synthetic:
-        batch = cfg.p * cfg.k if cfg.sampler == "pk" else cfg.batch_size
-        n_syn = max(1, round(batch * cfg.synthetic_ratio))
-        if cfg.shards:
-            feed = ShardFeed(cfg.shards, train_transform(cfg.model.image_size, pad=cfg.pad, erasing_p=cfg.erasing_p),
-                             label_map, cfg.model.image_size, n_syn, cfg.seed, cfg.workers, device, step,
-                             strict=cfg.strict_images)
+    def __init__(self, cfg: ReidTrainConfig, loop: TrainLoop):
+        ckpt = loop.resumed
+        if ckpt is not None:
+            cfg = config_from_dict(ReidTrainConfig, ckpt.train_config)
+        items = scan_split(cfg.data, "train")
+        label_map = LabelMap.from_items(items)
+        if ckpt is not None:
+            LabelMap(ckpt.label_map).require_same(label_map, f"resuming {ckpt.path} on {cfg.data}")
+        self.loop, self.items, self.label_map = loop, items, label_map
+        device = loop.pick_device(cfg.device, cfg.amp)
+        torch.manual_seed(cfg.seed)
+        if cfg.online_render and not cfg.target:
+            raise ReidgenError("--online-render needs --target (the data set whose contexts are rendered)")
+        init = Checkpoint.read(cfg.init, "reid") if cfg.init and ckpt is None else None
+        self.lineage = {"init": lineage_entry(cfg.init)} if init is not None else (ckpt.lineage if ckpt else {})
+        if init is not None:
+            LabelMap(init.label_map).require_same(label_map, f"--init {cfg.init} vs {cfg.data}")
+            model, _ = ReidNet.from_checkpoint(init)
+            cfg = replace(cfg, model=model.config)
         else:
-            feed = OnlineFeed(cfg.online_generator, cfg.data, label_map, device, n_syn)
-        fine_head.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    model.train()
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        sampler.set_epoch(epoch, start_batch=step % steps_per_epoch)
-        waited = time.perf_counter()
-        for images, labels, indices, ok in epoch_loader(dataset, sampler, cfg.workers, device):
-            data_wait = time.perf_counter() - waited  # the share of a step spent waiting for data
-            set_lr(optimizer, warmup_step_factor(step / steps_per_epoch, warmup=cfg.warmup_epochs,
-                                                 warmup_factor=cfg.warmup_factor,
-                                                 milestones=cfg.milestones, gamma=cfg.gamma))
-            keep = unreadable.check(ok, indices, items)
-            images, labels = images[keep].to(device, non_blocking=True), labels[keep].to(device)
-            if render is not None:
-                images = render(images)
-                if erase_after is not None:
-                    images = torch.stack([erase_after(img) for img in images])
-            extra = {}
-            if feed is not None:
-                fetch = time.perf_counter()
-                syn_images, soft, fine_labels = feed(images, labels)
-                if isinstance(feed, ShardFeed):  # reading shards is waiting; generating online is compute
-                    data_wait += time.perf_counter() - fetch
-                n_real = len(images)
-                images = torch.cat([images, syn_images.to(images.dtype)])
-                images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, cfg.amp):
-                    pooled = model.pooled(images)
-                    logits_all, _ = model.head(pooled)
-                    logits_fine, _ = fine_head(pooled[n_real:])
-                    logits = logits_all[:n_real]
-                    l_id = F.cross_entropy(logits.float(), labels)
-                    l_prim, l_fine = synthetic_losses(logits_all[n_real:], logits_fine, soft, fine_labels)
-                    loss = l_id + cfg.prim_weight * l_prim + cfg.fine_weight * l_fine
-                extra = {"loss_id": l_id.item(), "loss_prim": l_prim.item(), "loss_fine": l_fine.item(),
-                         "synthetic": len(syn_images)}
+            model = ReidNet(cfg.model, len(label_map), pretrained="none" if ckpt else cfg.pretrained)
+        self.cfg = cfg
+        # channels_last: measured 1.4× faster steps on CPU for EfficientNet-Lite0, and the layout AMP wants on GPU.
+        self.model = model.to(device, memory_format=torch.channels_last)
+        synthetic = bool(cfg.shards or cfg.online_generator)
+        if cfg.shards and cfg.online_generator:
+            raise ReidgenError("give --shards or --online-generator, not both")
+        if synthetic and cfg.online_render:
+            raise ReidgenError("--shards/--online-generator (DG-Net samples) and --online-render (CR-GAN) do not mix")
+        # DG-Net's fine-grained head: trained on generated images only (L_fine), not used at test time.
+        self.fine_head = ClassifierHead(model.backbone.out_channels, len(label_map), cfg.model.bottleneck,
+                                        0.75).to(device) if synthetic else None
+        self.optimizer = build_optimizer(self.model, cfg, [self.fine_head] if self.fine_head is not None else [])
+        self.models = {"model": self.model, **({"fine_head": self.fine_head} if synthetic else {})}
+        self.optimizers = {"model": self.optimizer}
+        loop.restore(self)
+
+        self.dataset = ImageDataset(items, train_transform(cfg.model.image_size, pad=cfg.pad,
+                                                           erasing_p=0 if cfg.online_render else cfg.erasing_p),
+                                    label_map, cfg.model.image_size)
+        seed = loop.rank_seed(cfg.seed)
+        if cfg.sampler == "pk":
+            self.sampler = PKBatchSampler([it.pid for it in items], cfg.p, cfg.k, seed=seed)
+        elif cfg.sampler == "random":
+            self.sampler = RandomBatchSampler(len(items), cfg.batch_size, seed=seed)
+        else:
+            raise ReidgenError(f"unknown sampler {cfg.sampler!r}; expected random or pk")
+        self.steps_per_epoch = len(self.sampler)
+        self.unreadable = UnreadableImages(strict=cfg.strict_images)
+        batch = cfg.p * cfg.k if cfg.sampler == "pk" else cfg.batch_size
+        # Cross-domain fine-tuning: sources rendered into target contexts; random erasing comes after
+        # the rendering, not before.
+        self.render = self.erase_after = None
+        if cfg.online_render:
+            with loop.main_first():  # rank 0 fills the target's mask cache, the others read it
+                self.render = RenderFeed(cfg.online_render, cfg.target, device, batch, seed, cfg.workers,
+                                         self.step, loop.out / "masks" / "target", progress=loop.progress)
+            self.erase_after = RandomErasing(p=cfg.erasing_p, value=0) if cfg.erasing_p > 0 else None
+        self.feed = None
+        if synthetic:
+            n_syn = max(1, round(batch * cfg.synthetic_ratio))
+            if cfg.shards:
+                self.feed = ShardFeed(cfg.shards, train_transform(cfg.model.image_size, pad=cfg.pad,
+                                                                  erasing_p=cfg.erasing_p),
+                                      label_map, cfg.model.image_size, n_syn, seed, cfg.workers, device, self.step,
+                                      strict=cfg.strict_images)
             else:
-                images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device, cfg.amp):
-                    logits, _ = model(images)
-                    loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            acc = (logits.argmax(1) == labels).float().mean().item()
-            log.write(step=step, epoch=epoch, loss=loss.item(), acc=acc, lr=optimizer.param_groups[1]["lr"],
-                      data_wait_s=round(data_wait, 6), step_s=round(time.perf_counter() - waited, 6), **extra)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-            end_of_epoch = step % steps_per_epoch == 0
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or end_of_epoch or step == total_steps:
-                if cfg.keep_checkpoints:
-                    save(run_checkpoint(out, f"step_{step:07d}.pt"))
-                save(last)
-            if end_of_epoch or step == total_steps:
-                plot_metrics(out / "metrics.jsonl", out / "metrics.png", ["loss", "acc", "lr"],
-                             title=f"train-reid {cfg.data}")
-            if step >= total_steps:
-                break
-            waited = time.perf_counter()
-    bar.close()
-    if feed is not None and feed.bad:
-        log.write(step=step, event="corrupt_synthetic", records=feed.bad[:100], count=len(feed.bad))
-        tqdm.write(f"warning: skipped {len(feed.bad)} corrupt synthetic record(s), first: {feed.bad[0]}")
-    if unreadable.summary():
-        log.write(step=step, event="unreadable", paths=unreadable.paths)
-        tqdm.write(f"warning: {unreadable.summary()}")
-    log.close()
-    return last
+                self.feed = OnlineFeed(cfg.online_generator, cfg.data, label_map, device, n_syn)
+        self.model.train()
+        if self.fine_head is not None:
+            self.fine_head.train()
+
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.cfg.epochs
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def batches(self):
+        """Real batches, each with its synthetic batch when it comes from shards (reading shards is
+        waiting for data; generating online is compute, done in the step)."""
+        device = self.loop.device
+        stream = endless_batches(lambda s: epoch_loader(self.dataset, s, self.cfg.workers, device),
+                                 [self.sampler], self.step)
+        for (real,) in stream:
+            yield real, (self.feed(None, None) if isinstance(self.feed, ShardFeed) else None)
+
+    def lr_factor(self) -> float:
+        cfg = self.cfg
+        return warmup_step_factor(self.step / self.steps_per_epoch, warmup=cfg.warmup_epochs,
+                                  warmup_factor=cfg.warmup_factor, milestones=cfg.milestones, gamma=cfg.gamma)
+
+    def train_step(self, batch) -> dict[str, float]:
+        (images, labels, indices, ok), shard_batch = batch
+        cfg, device, model = self.cfg, self.loop.device, self.model
+        keep = self.unreadable.check(ok, indices, self.items)
+        images, labels = images[keep].to(device, non_blocking=True), labels[keep].to(device)
+        if self.render is not None:
+            images = self.render(images)
+            if self.erase_after is not None:
+                images = torch.stack([self.erase_after(img) for img in images])
+        extra = {}
+        if self.feed is not None:
+            syn_images, soft, fine_labels = shard_batch if shard_batch is not None else self.feed(images, labels)
+            n_real = len(images)
+            images = torch.cat([images, syn_images.to(images.dtype)])
+            images = images.contiguous(memory_format=torch.channels_last)
+            with self.loop.autocast():
+                pooled = model.pooled(images)
+                logits_all, _ = model.head(pooled)
+                logits_fine, _ = self.fine_head(pooled[n_real:])
+                logits = logits_all[:n_real]
+                l_id = F.cross_entropy(logits.float(), labels)
+                l_prim, l_fine = synthetic_losses(logits_all[n_real:], logits_fine, soft, fine_labels)
+                loss = l_id + cfg.prim_weight * l_prim + cfg.fine_weight * l_fine
+            extra = {"loss_id": l_id.item(), "loss_prim": l_prim.item(), "loss_fine": l_fine.item(),
+                     "synthetic": len(syn_images)}
+        else:
+            images = images.contiguous(memory_format=torch.channels_last)
+            with self.loop.autocast():
+                logits, _ = model(images)
+                loss = F.cross_entropy(logits.float(), labels)
+        self.loop.update(loss, self.optimizer)
+        acc = (logits.argmax(1) == labels).float().mean().item()
+        return {"epoch": self.step // self.steps_per_epoch, "loss": loss.item(), "acc": acc,
+                "lr": self.optimizer.param_groups[1]["lr"], **extra}
+
+    def postfix(self, logs: dict) -> dict:
+        return {"epoch": logs["epoch"], "loss": f"{logs['loss']:.3f}", "acc": f"{logs['acc']:.2f}"}
+
+    def checkpoint_due(self, total: int) -> bool:
+        # cfg.checkpoint_every = 0: at the end of each epoch only
+        return super().checkpoint_due(total) or self.step % self.steps_per_epoch == 0
+
+    def plot_due(self, total: int) -> bool:
+        return self.step % self.steps_per_epoch == 0 and self.step != total  # the loop draws the last
+
+    def plots(self) -> list[Plot]:
+        return [Plot("metrics.png", ("loss", "acc", "lr"), f"train-reid {self.cfg.data}")]
+
+    def checkpoint_fields(self) -> dict:
+        return {"model_config": config_to_dict(self.cfg.model), "train_config": config_to_dict(self.cfg),
+                "label_map": self.label_map.to_list(), "lineage": self.lineage}
+
+    def after_training(self) -> dict:
+        feed = self.feed
+        if feed is not None and feed.bad:
+            self.loop.write(step=self.step, event="corrupt_synthetic", records=feed.bad[:100], count=len(feed.bad))
+            if self.loop.is_main:
+                tqdm.write(f"warning: skipped {len(feed.bad)} corrupt synthetic record(s), first: {feed.bad[0]}")
+        if self.unreadable.summary():
+            self.loop.write(step=self.step, event="unreadable", paths=self.unreadable.paths)
+            if self.loop.is_main:
+                tqdm.write(f"warning: {self.unreadable.summary()}")
+        return {}
+
+
+def train_reid(cfg: ReidTrainConfig | None, out: str | Path, resume: str | Path | None = None,
+               progress: bool = True) -> Path:
+    """Train (or resume) a baseline re-id model; returns the path of the last checkpoint. Under
+    torchrun every rank trains on its own batches with averaged gradients; rank 0 writes."""
+    loop = TrainLoop("reid", out, resume, progress)
+    return loop.run(ReidTask(cfg or ReidTrainConfig(), loop))
