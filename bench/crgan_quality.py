@@ -9,7 +9,14 @@ one record with the figures the issue asks for and the commands that made them.
     python bench/crgan_quality.py --dual runs/crgan_long/quality.json \\
         --intermediate runs/crgan_long/quality_step_1000.json \\
         --no-dual runs/crgan_x_nodual/quality.json --dual-same-budget runs/crgan_x_l2/quality.json \\
-        --commands-file runs/crgan_long/commands.txt
+        --commands-file runs/crgan_long/commands.txt \\
+        --reid-direct runs/direct_cuhk03.json --reid-crgan runs/crgan_ft_s{0,1,2}/eval.json \\
+        --reid-control runs/control_s{0,1,2}/eval.json
+
+The re-id files are evaluation reports (``reidgen evaluate --json``, or a fine-tuning run's
+``eval.json``), one per seed; the table keeps Rank-1 and mAP as mean and sample standard deviation
+over the seeds, in percent. ``--previous`` carries the ablation of an earlier collection over
+when the no-dual run was not repeated (it says so in the record).
 
 Each quality file must be of a CR-GAN checkpoint (``kind`` crgan); the run folder is taken from
 the checkpoint path it records (RUN/checkpoints/*.pt).
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -55,6 +63,27 @@ def load(path: str) -> dict:
     return {"quality_file": str(path), **run_facts(report), **{k: report.get(k) for k in KEPT}}
 
 
+def reid_row(paths: list[str]) -> dict:
+    """Mean ± sample std of Rank-1 and mAP (percent) over evaluation reports of different seeds."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    for p, r in zip(paths, reports):
+        if "rank1" not in r or "mAP" not in r:
+            raise SystemExit(f"{p} is not an evaluation report (expected rank1 and mAP, as eval.json has)")
+    data = {r["data"] for r in reports}
+    if len(data) > 1:
+        raise SystemExit(f"the reports of one row were evaluated on different data: {sorted(data)}")
+    rank1 = [100 * r["rank1"] for r in reports]
+    maps = [100 * r["mAP"] for r in reports]
+
+    def std(xs: list[float]) -> float | None:
+        return round(statistics.stdev(xs), 2) if len(xs) > 1 else None
+
+    return {"seeds": len(reports), "rank1_mean": round(statistics.fmean(rank1), 2), "rank1_std": std(rank1),
+            "map_mean": round(statistics.fmean(maps), 2), "map_std": std(maps),
+            "rank1": [round(x, 2) for x in rank1], "map": [round(x, 2) for x in maps],
+            "data": data.pop(), "checkpoints": [r["checkpoint"] for r in reports], "files": paths}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dual", required=True, help="quality JSON of the long run's final checkpoint")
@@ -64,6 +93,10 @@ def main() -> None:
     ap.add_argument("--compare", nargs="*", default=[],
                     help="quality JSONs of runs with one setting changed, same budget (e.g. --con-loss mean_square)")
     ap.add_argument("--commands-file", help="text file with the commands that made the runs and reports")
+    ap.add_argument("--reid-direct", nargs="*", default=[], help="evaluation reports of the source model(s)")
+    ap.add_argument("--reid-crgan", nargs="*", default=[], help="eval.json of each seed fine-tuned on renderings")
+    ap.add_argument("--reid-control", nargs="*", default=[], help="eval.json of each seed of plain fine-tuning")
+    ap.add_argument("--previous", help="an earlier crgan_quality.json whose no-dual ablation is carried over")
     ap.add_argument("--out", help="default bench/results/crgan_quality.json")
     args = ap.parse_args()
 
@@ -88,7 +121,14 @@ def main() -> None:
             "lpips": nodual["diversity_lpips"], "set_pairs_lpips": nodual["diversity_lpips_set"]}
         payload["ablation"] = {"no_dual_condition": nodual,
                                "dual_same_budget": load(args.dual_same_budget) if args.dual_same_budget else None}
-    payload["reid"] = None  # issue 14 item 4 (three seeds of re-id) was not run in this session
+    elif args.previous:
+        previous = json.loads(Path(args.previous).read_text())
+        payload["diversity_no_dual_condition"] = previous.get("diversity_no_dual_condition")
+        payload["ablation"] = {**(previous.get("ablation") or {}),
+                               "carried_over_from": f"{args.previous} of {previous.get('timestamp')}: "
+                                                    "the no-dual run was not repeated at this run's budget"}
+    rows = {"direct": args.reid_direct, "crgan": args.reid_crgan, "control": args.reid_control}
+    payload["reid"] = {name: reid_row(paths) for name, paths in rows.items() if paths} or None
     payload["diversity_note"] = (
         "across_targets: mean distance between the k renderings of one source (0 by construction when the "
         "generator ignores the target); set_pairs: random pairs of renderings of different sources, one partner "
