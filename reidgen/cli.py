@@ -102,6 +102,7 @@ def _overrides(args: argparse.Namespace, preset: object, handled: tuple[str, ...
 
 
 def cmd_train_reid(args: argparse.Namespace) -> int:
+    from reidgen.core.settings import TorchrunSettings
     from reidgen.paths import resolve_data
     from trainer.evaluate import evaluate_checkpoint
     from trainer.train_reid import REID_PRESETS, preset_config, train_reid
@@ -120,6 +121,8 @@ def cmd_train_reid(args: argparse.Namespace) -> int:
         cfg = preset_config(args.preset, data=data, **overrides, **extra)
         last = train_reid(cfg, args.out)
         saved = config_to_dict(cfg)
+    if TorchrunSettings.from_env().rank != 0:
+        return 0  # under torchrun every rank trains; rank 0 alone wrote the run and evaluates it
     print(f"checkpoint: {last}")
     eval_data = saved["eval_data"] or (saved["target"] if saved["online_render"] else saved["data"])
     if saved["evaluate"] and (Path(eval_data) / "query").is_dir():

@@ -125,8 +125,10 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_two_processes_stay_in_sync(small_market, tmp_path):
     """torchrun with 2 CPU processes (gloo): each rank its own batches, gradients averaged, weights
-    identical at the end, rank 0 alone writes."""
+    identical at the end, rank 0 alone writes and evaluates."""
     out = tmp_path / "ddp"
-    run_two_ranks(["train-reid", "--data", str(small_market), "--out", str(out), "--preset", "tiny", "--batch-size",
-                   "8", "--max-steps", "4", "--workers", "0", "--no-eval"], port=29518)
+    proc = run_two_ranks(["train-reid", "--data", str(small_market), "--out", str(out), "--preset", "tiny",
+                          "--batch-size", "8", "--max-steps", "4", "--workers", "0"], port=29518)
     check_two_rank_run(out, "reid", "loss", steps=4)
+    assert proc.stdout.count("checkpoint: ") == 1 and proc.stdout.count("mAP") == 1, proc.stdout
+    assert (out / "eval.json").is_file()

@@ -13,13 +13,14 @@ from trainer.runlog import read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_two_ranks(args: list[str], port: int, timeout: int = 300) -> None:
+def run_two_ranks(args: list[str], port: int, timeout: int = 300) -> subprocess.CompletedProcess:
     """``reidgen ARGS`` on two ranks; each rank runs one torch thread (the machine is small)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "reidgen", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
 
 
 def check_two_rank_run(out: Path, kind: str, loss_key: str, steps: int) -> None:

@@ -36,7 +36,7 @@ from generator_service.crgan_nets import (
 )
 from generator_service.dgnet_nets import lsgan_d_loss, lsgan_g_loss
 from generator_service.images import normalize
-from generator_service.masks import build_mask_provider, ensure_masks
+from generator_service.masks import ensure_masks, mask_provider_for
 from generator_service.reid_model import ReidNet
 from reidgen.config import config_from_dict, config_to_dict, from_preset
 from reidgen.errors import ReidgenError
@@ -159,8 +159,7 @@ class CRGANTrainer(Task):
         self.d_id = load_id_model(cfg.id_model, self.label_map, self.device)
         self.lineage = {"id_model": lineage_entry(cfg.id_model)}
 
-        provider_opts = {"model_path": cfg.mask_model} if cfg.mask_model and cfg.masks in ("pose", "selfie") else {}
-        provider = build_mask_provider(cfg.masks, **provider_opts)
+        provider, _ = mask_provider_for(cfg)
         mask_root = Path(cfg.mask_cache) if cfg.mask_cache else self.out / "masks"
         datasets = []
         for name, items in (("source", self.source_items), ("target", self.target_items)):

@@ -96,6 +96,7 @@ class TorchrunSettings(_FromEnvironment):
 
     world_size: int = _var("WORLD_SIZE", 1, "how many processes train together; 1 or more", ge=1)
     local_rank: int = _var("LOCAL_RANK", 0, "this process's index on its machine (its GPU); 0 or more", ge=0)
+    rank: int = _var("RANK", 0, "this process's index among all of them (0 writes the run folder); 0 or more", ge=0)
 
 
 class WorkerSettings(CommonSettings):
