@@ -1,7 +1,7 @@
 """HTTP bodies of the generator service (``/v1``): every request, response and error.
 
-The FastAPI app (`generator_service.app`) builds its OpenAPI document from these models and
-the Python client (`generator_service.client`) speaks them, so both sides share one definition.
+The FastAPI app (`generator_service.http`) builds its OpenAPI document from these models and
+the Python client (`generator_service.http.client`) speaks them, so both sides share one definition.
 Images travel as base64 strings in JSON (or as files in multipart forms); generated images
 come back as base64 PNGs, or as a single PNG/JPEG body when the request asks for one.
 

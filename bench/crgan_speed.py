@@ -35,7 +35,7 @@ def child(preset: str, source: str, target: str, iters: int, warmup: int, id_mod
     import torch
 
     from trainer.runlog import read_jsonl
-    from trainer.train_crgan import crgan_preset_config, train_crgan
+    from trainer.tasks.crgan import crgan_preset_config, train_crgan
 
     half = warmup + iters
     cfg = crgan_preset_config(preset, source=source, target=target, id_model=id_model, masks="geometric",
@@ -66,8 +66,8 @@ def main() -> int:
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from generator_service.device import pick_device
-    from reidgen.paths import resolve_data
+    from reidgen.core.device import pick_device
+    from reidgen.core.paths import resolve_data
 
     source, target = str(resolve_data(args.source)), str(resolve_data(args.target))
     device = pick_device("auto")  # where the children train (their configs say "auto")
@@ -77,7 +77,7 @@ def main() -> int:
         child(args.child, source, target, args.iters, args.warmup, args.id_model, args.out_dir)
         return 0
 
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.tasks.reid import preset_config, train_reid
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ KEYS = ("identity_consistency", "structure_identity_share", "reconstruction_iden
 
 def snapshots(run: Path) -> dict[str, Path]:
     """The first, middle and last kept checkpoints of a run."""
-    from generator_service.checkpoint import run_checkpoint
+    from reidgen.core.checkpoint import run_checkpoint
 
     kept = sorted(run_checkpoint(run).parent.glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if len(kept) < 3:
@@ -40,9 +40,9 @@ def reid_report(checkpoint, data: str, device: str):
     """The full query/gallery evaluation of a checkpoint: the run folder's eval.json when it was
     made for this very checkpoint and data set (train-reid writes one), else evaluated now and saved."""
     from api_schemas.evaluation import EvaluationReport
-    from generator_service.checkpoint import resolve_checkpoint
-    from trainer.evaluate import evaluate_checkpoint
-    from trainer.quality import run_folder
+    from reidgen.core.checkpoint import resolve_checkpoint
+    from trainer.evaluation.evaluate import evaluate_checkpoint
+    from trainer.evaluation.quality import run_folder
 
     path = resolve_checkpoint(checkpoint).resolve()
     saved = run_folder(checkpoint) / "eval.json"
@@ -70,8 +70,8 @@ def main() -> int:
                     help="name of the JSON under bench/results/ (another name keeps an earlier run's figures)")
     args = ap.parse_args()
 
-    from generator_service.checkpoint import load_checkpoint
-    from trainer.quality import measure_quality
+    from reidgen.core.checkpoint import load_checkpoint
+    from trainer.evaluation.quality import measure_quality
     from trainer.runlog import read_jsonl
 
     run = Path(args.run)

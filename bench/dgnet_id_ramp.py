@@ -28,10 +28,10 @@ def main() -> int:
     ap.add_argument("--teacher", help="baseline checkpoint on --data (default: a 1-epoch small-preset one)")
     args = ap.parse_args()
 
-    from reidgen.paths import resolve_data
+    from reidgen.core.paths import resolve_data
     from trainer.runlog import read_jsonl
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.reid import preset_config, train_reid
 
     data = str(resolve_data(args.data))
     results = {}

@@ -35,7 +35,7 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     if threads:
         torch.set_num_threads(threads)
     from trainer.runlog import read_jsonl
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
 
     # No pretrained weights: ResNet-50's are not obtainable offline and do not change the cost.
     cfg = dgnet_preset_config(preset, data=data, teacher=teacher, pretrained="none", iterations=warmup + iters,
@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    from reidgen.paths import resolve_data
+    from reidgen.core.paths import resolve_data
 
     data = str(resolve_data(args.data))
     if args.child:
@@ -77,7 +77,7 @@ def main() -> int:
         child(preset, precision, data, args.iters, args.warmup, args.teacher, args.out_dir, args.threads)
         return 0
 
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.tasks.reid import preset_config, train_reid
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +107,7 @@ def main() -> int:
             bf16_speedup[preset] = bf16["iterations_per_second"] / fp32["iterations_per_second"]
             print(f"{preset}: bf16 autocast is {bf16_speedup[preset]:.2f}× the fp32 speed")
     # The children train on the config's default device, "auto": the one pick_device resolves here.
-    from generator_service.device import pick_device
+    from reidgen.core.device import pick_device
 
     write_results("dgnet_speed", {"device": str(pick_device("auto")), "data": data, "results": results,
                                   "small_over_paper_speed": ratio, "bf16_over_fp32_speed": bf16_speedup,

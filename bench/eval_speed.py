@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
 from bench.common import machine_info, write_results  # noqa: E402
-from reidgen.market import scan_split  # noqa: E402
-from reidgen.paths import data_root  # noqa: E402
-from trainer.metrics import evaluate_ranking, evaluate_ranking_reference  # noqa: E402
+from reidgen.core.market import scan_split  # noqa: E402
+from reidgen.core.paths import data_root  # noqa: E402
+from trainer.evaluation.metrics import evaluate_ranking, evaluate_ranking_reference  # noqa: E402
 
 DEFAULT_DATA = data_root()
 DEFAULT_OUT = REPO / "bench" / "results" / "eval_speed.json"

@@ -30,11 +30,11 @@ def full_checkpoint(preset: str, path: Path) -> Path:
     """A checkpoint with the payload and optimiser state a train-dgnet run writes at ``preset``."""
     import torch
 
-    from generator_service.checkpoint import save_checkpoint
-    from generator_service.dgnet import DGNet
-    from reidgen.config import config_to_dict
-    from trainer.device import rng_state
-    from trainer.train_dgnet import dgnet_preset_config
+    from generator_service.models.dgnet import DGNet
+    from reidgen.core.checkpoint import save_checkpoint
+    from reidgen.core.config import config_to_dict
+    from reidgen.core.rng import rng_state
+    from trainer.tasks.dgnet import dgnet_preset_config
 
     cfg = dgnet_preset_config(preset, data="market1501", teacher="teacher.pt", pretrained="none")
     net = DGNet(cfg.model, CLASSES)
@@ -59,7 +59,7 @@ def main() -> int:
 
     import torch
 
-    from generator_service.dgnet import DGNet, export_inference
+    from generator_service.models.dgnet import DGNet, export_inference
 
     torch.set_num_threads(1)
     results = {}

@@ -31,8 +31,8 @@ from bench.common import write_results  # noqa: E402
 
 
 def make_checkpoint(data: str, preset: str, root: Path) -> str:
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.reid import preset_config, train_reid
 
     teacher = train_reid(preset_config("tiny", data=data, max_steps=1, workers=0, evaluate=False),
                          root / "teacher", progress=False)
@@ -95,7 +95,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from api_schemas.jobs import JobSpec
-    from reidgen.paths import resolve_data
+    from reidgen.core.paths import resolve_data
     from worker.plans import make_plan
     from worker.run import load_runtime
 

@@ -1,7 +1,7 @@
 """Benchmark: the shard data set against image files, and how long training waits for data.
 
-1. Images/s of `trainer.shard_data.ShardDataset` (LMDB, opened per DataLoader worker) versus
-   `trainer.data.ImageDataset` reading the very same encoded images from JPEG files, with the
+1. Images/s of `trainer.feeds.shards.ShardDataset` (LMDB, opened per DataLoader worker) versus
+   `trainer.feeds.data.ImageDataset` reading the very same encoded images from JPEG files, with the
    same decode + training transform, DataLoader workers and batch size; interleaved rounds,
    medians reported.
 2. The share of a training step spent waiting for data in `reidgen train-reid --real ...
@@ -31,7 +31,7 @@ def loader_rate(dataset, batch: int, workers: int, epochs: int) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    from trainer.samplers import RandomBatchSampler
+    from trainer.feeds.samplers import RandomBatchSampler
 
     sampler = RandomBatchSampler(len(dataset), batch, seed=0)
     n, start = 0, time.perf_counter()
@@ -63,14 +63,14 @@ def main() -> int:
 
     from api_schemas.jobs import JobSpec
     from reidgen.cli import main as cli
-    from reidgen.market import Item, LabelMap, link_subset, scan_split
-    from reidgen.paths import resolve_data
-    from trainer.data import ImageDataset
+    from reidgen.core.market import Item, LabelMap, link_subset, scan_split
+    from reidgen.core.paths import resolve_data
+    from trainer.feeds.data import ImageDataset
+    from trainer.feeds.shards import ShardDataset
+    from trainer.feeds.transforms import train_transform
     from trainer.runlog import read_jsonl
-    from trainer.shard_data import ShardDataset
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
-    from trainer.train_reid import preset_config, train_reid
-    from trainer.transforms import train_transform
+    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.reid import preset_config, train_reid
     from worker.run import run_job
     from worker.shards import ShardReader, shard_paths
 

@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import write_results  # noqa: E402
-from generator_service.masks import build_mask_provider  # noqa: E402
-from reidgen.market import scan_split  # noqa: E402
-from reidgen.paths import resolve_data  # noqa: E402
+from generator_service.models.masks import build_mask_provider  # noqa: E402
+from reidgen.core.market import scan_split  # noqa: E402
+from reidgen.core.paths import resolve_data  # noqa: E402
 
 
 def main() -> int:

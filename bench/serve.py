@@ -51,9 +51,9 @@ N_IMAGES = 64  # distinct real pictures the requests cycle through
 # -- the model ------------------------------------------------------------------------------------
 def train_models(data: Path, root: Path) -> Path:
     """A models directory with one DG-Net run, trained like tests/test_service.py's fixture."""
-    from reidgen.market import link_subset
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
-    from trainer.train_reid import preset_config, train_reid
+    from reidgen.core.market import link_subset
+    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.reid import preset_config, train_reid
 
     # Symlinks to the first 4 identities: a short epoch for the teacher, no image copied.
     src = link_subset(data, root / "src", ids=4)
@@ -76,8 +76,8 @@ def request_pictures(data: Path) -> list[bytes]:
 def offline(models: Path, device: str, pictures: list[bytes], batch_sizes: list[int], seconds: float) -> dict:
     """images/s of `Engine.swap_batch` per batch size, and the per-image cost of the image coding
     the service adds (decode + resize/normalise the two inputs, PNG-encode the output)."""
-    from generator_service.engine import Engine
-    from generator_service.images import decode_image_bytes, encode_image, to_pil
+    from generator_service.inference.engine import Engine
+    from reidgen.core.images import decode_image_bytes, encode_image, to_pil
 
     engine = Engine.from_models_dir(models, device, max_batch=max(batch_sizes))
     model = engine.model_for("swap")
@@ -130,8 +130,8 @@ def serve_child(args: argparse.Namespace) -> None:
     """Run in the child process: the app on the socket the parent bound (no port race)."""
     import uvicorn
 
-    from generator_service.app import Settings, create_app
-    from generator_service.engine import Engine
+    from generator_service.http import Settings, create_app
+    from generator_service.inference.engine import Engine
 
     torch.set_num_threads(args.threads)
     engine = Engine.from_models_dir(args.models, args.device, max_batch=args.max_batch,
@@ -174,7 +174,7 @@ class Service:
         self.proc = subprocess.Popen(cmd + ([] if batching else ["--no-batching"]), pass_fds=[self.sock.fileno()])
 
     def __enter__(self) -> Service:
-        from generator_service.client import ServiceClient
+        from generator_service.http.client import ServiceClient
 
         # Wait for readiness (models loaded, warm-up done) with a deadline, in 1 s slices so that
         # a child that dies is noticed at once rather than after the whole deadline.
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_child(args)
         return 0
 
-    from reidgen.paths import resolve_data
+    from reidgen.core.paths import resolve_data
 
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the services are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -9,8 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import torch
 
-from reidgen.market import link_subset
-from reidgen.paths import data_root
+from reidgen.core.market import link_subset
+from reidgen.core.paths import data_root
 
 # Tests must not oversubscribe the 2 CI cores with data-loader processes.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -50,8 +50,8 @@ def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
     market1501_mini (the batch-generation tests need real checkpoints, not good ones)."""
     import torch
 
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.reid import preset_config, train_reid
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

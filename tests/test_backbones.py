@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from generator_service.backbones import ResNet50Features, build_backbone
-from generator_service.efficientnet_lite import bundled_weights_path
-from reidgen.errors import ReidgenError
+from generator_service.models.backbones import ResNet50Features, build_backbone
+from generator_service.models.efficientnet_lite import bundled_weights_path
+from reidgen.core.errors import ReidgenError
 
 
 @torch.no_grad()

@@ -7,9 +7,11 @@ import shutil
 import pytest
 import torch
 
-import generator_service.checkpoint as checkpoint_module
+import reidgen.core.checkpoint as checkpoint_module
 from api_schemas.jobs import JobSpec
-from generator_service.checkpoint import (
+from generator_service.models.dgnet import DGNet
+from generator_service.models.reid import ReidNet
+from reidgen.core.checkpoint import (
     Checkpoint,
     file_identity,
     read_plain,
@@ -18,9 +20,7 @@ from generator_service.checkpoint import (
     run_folder,
     save_checkpoint,
 )
-from generator_service.dgnet import DGNet
-from generator_service.reid_model import ReidNet
-from reidgen.errors import ReidgenError
+from reidgen.core.errors import ReidgenError
 
 
 def test_run_folders_resolve_in_one_place(tmp_path):
@@ -73,7 +73,7 @@ def test_a_checkpoint_is_read_once_and_names_its_parts(tiny_dgnet, monkeypatch):
 
 
 def test_the_engine_reads_a_checkpoint_it_is_given_no_second_time(tiny_dgnet, monkeypatch):
-    from generator_service.engine import Engine
+    from generator_service.inference.engine import Engine
 
     ckpt = Checkpoint.read(tiny_dgnet["dgnet"], "dgnet")
     monkeypatch.setattr(checkpoint_module, "read_plain", lambda *a: pytest.fail("read again"))
@@ -84,8 +84,8 @@ def test_the_engine_reads_a_checkpoint_it_is_given_no_second_time(tiny_dgnet, mo
 
 
 def test_a_crgan_checkpoint_is_read_once(tmp_path, monkeypatch):
-    from generator_service.crgan import ContextRenderer
-    from generator_service.engine import Engine
+    from generator_service.inference.engine import Engine
+    from generator_service.models.crgan import ContextRenderer
     from tests.test_kinds import write_tiny_crgan
 
     path = write_tiny_crgan(tmp_path / "run" / "checkpoints" / "last.pt", binary_masks=True)
@@ -138,7 +138,7 @@ def test_a_batch_job_refuses_soft_labels_from_a_changed_teacher(tiny_dgnet, tmp_
 
 
 def test_resuming_with_a_changed_teacher_is_refused(tiny_dgnet, tmp_path):
-    from trainer.train_dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
 
     teacher = shutil.copy(tiny_dgnet["teacher"], tmp_path / "teacher.pt")
     threads = torch.get_num_threads()
@@ -156,7 +156,7 @@ def test_resuming_with_a_changed_teacher_is_refused(tiny_dgnet, tmp_path):
 
 
 def test_cross_identity_partners_are_the_next_image_of_another_person():
-    from trainer.synthetic import cross_identity_partners
+    from trainer.feeds.synthetic import cross_identity_partners
 
     labels = torch.tensor([3, 3, 5, 5, 3, 7])
     expected = []
@@ -168,9 +168,9 @@ def test_cross_identity_partners_are_the_next_image_of_another_person():
 
 
 def test_the_synthesizer_keeps_dense_soft_labels_and_shards_keep_their_top_k(tiny_dgnet):
-    from generator_service.engine import Engine
-    from generator_service.synthesis import Synthesizer, top_k
-    from generator_service.teacher import Teacher
+    from generator_service.inference.engine import Engine
+    from generator_service.inference.synthesis import Synthesizer, top_k
+    from generator_service.models.teacher import Teacher
 
     ckpt = Checkpoint.read(tiny_dgnet["dgnet"], "dgnet")
     engine = Engine.from_checkpoint(ckpt, "cpu")

@@ -19,17 +19,17 @@ import pytest
 import torch
 
 from api_schemas.jobs import JobSpec
-from generator_service.backbones import build_backbone
-from generator_service.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
-from generator_service.crgan_nets import CRGAN_PRESETS
-from generator_service.serve import build_app
+from generator_service.http.serve import build_app
+from generator_service.models.backbones import build_backbone
+from generator_service.models.crgan_nets import CRGAN_PRESETS
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
-from reidgen.market import link_subset
-from trainer.device import set_rng_state
-from trainer.train_crgan import crgan_preset_config, train_crgan
-from trainer.train_dgnet import train_dgnet
-from trainer.train_reid import train_reid
+from reidgen.core.checkpoint import convert_checkpoint, load_checkpoint, save_checkpoint
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import link_subset
+from reidgen.core.rng import set_rng_state
+from trainer.tasks.crgan import crgan_preset_config, train_crgan
+from trainer.tasks.dgnet import train_dgnet
+from trainer.tasks.reid import train_reid
 from worker.run import run_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from reidgen.cli import _overrides, build_parser, main
-from reidgen.config import parse_settings, setting_names, with_overrides
-from reidgen.errors import ReidgenError
-from trainer.train_crgan import CRGAN_TRAIN_PRESETS
-from trainer.train_dgnet import DGNET_TRAIN_PRESETS
-from trainer.train_reid import REID_PRESETS
+from reidgen.cli import build_parser, main
+from reidgen.cli.train import _overrides
+from reidgen.core.config import parse_settings, setting_names, with_overrides
+from reidgen.core.errors import ReidgenError
+from trainer.tasks.crgan import CRGAN_TRAIN_PRESETS
+from trainer.tasks.dgnet import DGNET_TRAIN_PRESETS
+from trainer.tasks.reid import REID_PRESETS
 
 
 def test_set_values_are_read_as_json_when_they_are():

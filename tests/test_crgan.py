@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from generator_service.crgan import ContextRenderer
-from generator_service.crgan_nets import (
+from generator_service.models.crgan import ContextRenderer
+from generator_service.models.crgan_nets import (
     CRGAN_PRESETS,
     CameraClassifier,
     ContextGenerator,
@@ -19,12 +19,12 @@ from generator_service.crgan_nets import (
     mask_person,
 )
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
-from reidgen.market import link_subset
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import link_subset
 from tests.torchrun import check_two_rank_run, run_two_ranks
 from trainer.runlog import read_jsonl
-from trainer.train_crgan import CRGANTrainer, context_loss, crgan_preset_config, train_crgan
-from trainer.train_reid import preset_config, train_reid
+from trainer.tasks.crgan import CRGANTrainer, context_loss, crgan_preset_config, train_crgan
+from trainer.tasks.reid import preset_config, train_reid
 
 
 def test_composition_formula_is_exact():

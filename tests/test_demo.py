@@ -9,8 +9,8 @@ import pytest
 
 from api_schemas.evaluation import EvaluationReport
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
-from reidgen.market import link_subset
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import link_subset
 from trainer.demo import DemoConfig, demo_checkpoints, run_demo
 
 

@@ -39,10 +39,10 @@ import pytest
 import redis
 import yaml
 
-from generator_service.serve import _is_loopback
+from generator_service.http.serve import _is_loopback
 from reidgen.cli import build_parser
+from reidgen.core.errors import ReidgenError
 from reidgen.core.settings import ALL_SETTINGS, FlowerSettings, env_names
-from reidgen.errors import ReidgenError
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -302,7 +302,7 @@ def test_dockerignore_keeps_data_and_environments_out():
     for rel in (".venv/bin/python", ".git/HEAD", "runs/demo/checkpoints/last.pt", "data/market1501/x.jpg",
                 "shards/job/shard-00000/data.mdb", "secrets/api_key", ".env", "worker/__pycache__/x.pyc"):
         assert ignored(rel, rules), rel
-    assert not ignored("generator_service/engine.py", rules)
+    assert not ignored("generator_service/inference/engine.py", rules)
 
 
 # -- environment variables -----------------------------------------------------------------------

@@ -8,16 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from generator_service.dgnet import DGNET_PRESETS, DGNet
-from generator_service.dgnet_nets import count_parameters
+from generator_service.models.dgnet import DGNET_PRESETS, DGNet
+from generator_service.models.dgnet_nets import count_parameters
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
-from reidgen.market import link_subset
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import link_subset
 from tests.torchrun import check_two_rank_run, run_two_ranks
-from trainer.evaluate import load_embedder
+from trainer.evaluation.evaluate import load_embedder
 from trainer.runlog import read_jsonl
-from trainer.train_dgnet import DGNetTrainer, dgnet_preset_config, train_dgnet
-from trainer.train_reid import preset_config, train_reid
+from trainer.tasks.dgnet import DGNetTrainer, dgnet_preset_config, train_dgnet
+from trainer.tasks.reid import preset_config, train_reid
 
 
 @torch.no_grad()
@@ -110,7 +110,7 @@ def test_mismatched_teacher_is_refused(market_mini, teacher, tmp_path):
 
 
 def test_a_run_starts_from_an_export_and_refuses_to_resume_from_it(dg_run, data20, teacher, tmp_path):
-    from generator_service.dgnet import export_inference
+    from generator_service.models.dgnet import export_inference
 
     export = export_inference(dg_run / "checkpoints" / "last.pt", tmp_path / "export.pt")
     source, _ = DGNet.from_checkpoint(export)

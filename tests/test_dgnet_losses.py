@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from generator_service.dgnet_nets import LayerNorm2d
-from reidgen.market import link_subset
-from reidgen.paths import data_root
-from trainer.train_dgnet import DGNetTrainer, dgnet_preset_config, frozen_copy
-from trainer.train_reid import preset_config, train_reid
+from generator_service.models.dgnet_nets import LayerNorm2d
+from reidgen.core.market import link_subset
+from reidgen.core.paths import data_root
+from trainer.tasks.dgnet import DGNetTrainer, dgnet_preset_config, frozen_copy
+from trainer.tasks.reid import preset_config, train_reid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""Shape contract and parameter counts of DG-Net's E_s, G and D (generator_service.dgnet_nets).
+"""Shape contract and parameter counts of DG-Net's E_s, G and D (generator_service.models.dgnet_nets).
 
 Counts come from shared/REFERENCE.md (derived from the paper's tables 6-8). Everything runs on
 CPU with batch size 1-2 in a few seconds; no training.
@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from generator_service.dgnet_nets import (
+from generator_service.models.dgnet_nets import (
     PAPER,
     PRESETS,
     SMALL,
@@ -25,7 +25,7 @@ from generator_service.dgnet_nets import (
     r1_penalty,
     to_grey,
 )
-from reidgen.config import config_from_dict, config_to_dict
+from reidgen.core.config import config_from_dict, config_to_dict
 
 # A tiny D for the double-backward tests (R1): same code paths, a fraction of the cost.
 TINY = GeneratorConfig(image_size=(32, 16), aspp_dilations=(1, 2, 3), dis_channels=(8, 16),

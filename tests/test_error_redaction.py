@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from api_schemas.service import ErrorBody
-from reidgen.paths import data_root
+from reidgen.core.paths import data_root
 
 REPO = Path(__file__).resolve().parents[1]
 # Its first byte is 'w': torch's refusal quotes it ("invalid load key, 'w'", "Unsupported operand 119").
@@ -23,7 +23,7 @@ FILE_BYTES = b"what the server keeps here: SECRET-BYTES\n"
 
 
 def _stand_in_engine():
-    from generator_service.engine import Engine, ServedModel
+    from generator_service.inference.engine import Engine, ServedModel
 
     stand_in = ServedModel(name="stand-in", kind="dgnet", checkpoint="stand-in.pt", identity="0", step=None,
                            preset=None, image_size=(128, 64), net=None)
@@ -38,7 +38,7 @@ def store(broker):
 
 
 def roots(place: Path):
-    from generator_service.app import Settings
+    from generator_service.http import Settings
 
     return Settings(models_root=place, data_root=data_root(), shards_root=place)
 
@@ -49,7 +49,7 @@ def http(broker, store, place):
     the jobs routes never touch the engine."""
     from fastapi.testclient import TestClient
 
-    from generator_service.app import create_app
+    from generator_service.http import create_app
     from worker.celery_app import make_app
     from worker.jobs import CeleryJobs
 
@@ -182,7 +182,7 @@ def test_request_id_is_echoed_on_success_and_on_errors_before_routing(http):
 def test_an_unhandled_error_is_a_500_with_the_request_id_and_a_logged_traceback(place, caplog):
     from fastapi.testclient import TestClient
 
-    from generator_service.app import create_app
+    from generator_service.http import create_app
 
     class Broken:
         def submit(self, request, settings):

@@ -2,7 +2,7 @@
 images and refused before a body is read, slow or heavy clients dropped.
 
 Through real uvicorn servers on loopback ports, configured as `reidgen serve` configures them
-(`generator_service.serve.uvicorn_config`: the guarded h11 protocol, keep-alive and the
+(`generator_service.http.serve.uvicorn_config`: the guarded h11 protocol, keep-alive and the
 connection cap), with the Celery jobs backend on a real Redis (``$REDIS_URL``, database 13, a key
 prefix and queue of this run; no worker is needed: nothing here gets as far as a shard, except
 the in-process task of `test_a_worker_confines_a_task_to_its_own_roots`). The generator is a
@@ -29,12 +29,12 @@ import uvicorn
 from PIL import Image
 
 from api_schemas.service import ErrorBody
-from generator_service.app import Settings, create_app
-from generator_service.engine import Engine, QueueFull
-from generator_service.kinds import SwapItem
-from generator_service.serve import uvicorn_config
-from reidgen.market import link_subset
-from reidgen.paths import data_root
+from generator_service.http import Settings, create_app
+from generator_service.http.serve import uvicorn_config
+from generator_service.inference.engine import Engine, QueueFull
+from generator_service.inference.kinds import SwapItem
+from reidgen.core.market import link_subset
+from reidgen.core.paths import data_root
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -481,7 +481,7 @@ def test_heavy_json_is_refused_before_parsing_and_health_stays_responsive(tight)
 def test_serve_flags_reach_the_settings(monkeypatch, tmp_path):
     """`reidgen serve`'s flags (roots, job bounds, connection limits) become the one `Settings`
     the app and uvicorn are built from; unset ones keep the environment's defaults."""
-    import generator_service.serve as serve_module
+    import generator_service.http.serve as serve_module
     from reidgen.cli import main
 
     captured = {}

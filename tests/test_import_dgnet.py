@@ -1,5 +1,5 @@
 """Importing the public DG-Net checkpoints (trainer/import_dgnet.py) and the reference generator
-layout (generator_service/dgnet_nets.py).
+layout (generator_service/models/dgnet_nets.py).
 
 The reference files are stood in for by state dicts with exactly the key names and shapes of
 shared/reference/dgnet_reference_checkpoint_layout.json and random values; the class rows are
@@ -18,9 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generator_service.checkpoint import load_checkpoint, save_checkpoint
-from generator_service.dgnet import DGNet, DGNetConfig, export_inference
-from generator_service.dgnet_nets import (
+from generator_service.models.dgnet import DGNet, DGNetConfig, export_inference
+from generator_service.models.dgnet_nets import (
     ASPP,
     LAYOUTS,
     PAPER,
@@ -30,11 +29,12 @@ from generator_service.dgnet_nets import (
     LayerNorm2d,
     with_layout,
 )
-from generator_service.teacher import Teacher
+from generator_service.models.teacher import Teacher
 from reidgen.cli import main
-from reidgen.config import config_from_dict, config_to_dict
-from reidgen.errors import ReidgenError
-from reidgen.market import LabelMap, link_subset, scan_split
+from reidgen.core.checkpoint import load_checkpoint, save_checkpoint
+from reidgen.core.config import config_from_dict, config_to_dict
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import LabelMap, link_subset, scan_split
 from trainer.import_dgnet import (
     appearance_names,
     discriminator_names,
@@ -374,7 +374,7 @@ def test_without_dis_d_starts_from_the_reference_init(reference_files, data4, tm
 
 
 def test_export_serves_the_same_images_without_d_or_optimiser_state(tmp_path, capsys) -> None:
-    from generator_service.engine import Engine
+    from generator_service.inference.engine import Engine
 
     cfg = DGNetConfig(preset="small", backbone="small_cnn", generator=replace(SMALL, appearance_channels=256))
     torch.manual_seed(0)

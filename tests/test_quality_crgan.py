@@ -1,4 +1,4 @@
-"""Tests of trainer.quality_crgan (CR-GAN instance guidance) and `reidgen quality` on a CR-GAN
+"""Tests of trainer.evaluation.quality_crgan (CR-GAN instance guidance) and `reidgen quality` on a CR-GAN
 checkpoint, on real images: Market-1501 persons (sources) and CUHK03 held-out images (targets).
 
 The measures are checked on renderings whose answer is known: one that pastes the source person
@@ -15,15 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from generator_service.checkpoint import save_checkpoint
-from generator_service.crgan_nets import CRGAN_PRESETS, ContextGenerator
-from generator_service.images import denormalize, load_batch
-from generator_service.masks import GeometricMasks, binarize, build_mask_provider, compute_masks
+from generator_service.models.crgan_nets import CRGAN_PRESETS, ContextGenerator
+from generator_service.models.masks import GeometricMasks, binarize, build_mask_provider, compute_masks
 from reidgen.cli import main
-from reidgen.config import config_to_dict
-from reidgen.errors import ReidgenError
-from reidgen.market import LabelMap, link_subset, scan_split
-from trainer.quality_crgan import (
+from reidgen.core.checkpoint import save_checkpoint
+from reidgen.core.config import config_to_dict
+from reidgen.core.errors import ReidgenError
+from reidgen.core.images import denormalize, load_batch
+from reidgen.core.market import LabelMap, link_subset, scan_split
+from trainer.evaluation.quality_crgan import (
     LPIPS,
     alexnet_features,
     checkpoint_kind,
@@ -189,8 +189,8 @@ def test_set_diversity_tells_one_texture_from_following_the_targets(pairs):
 def keep_source_run(market_mini, tmp_path_factory):
     """A CR-GAN checkpoint whose generator keeps the source (context mask ≈ 0 everywhere), and a
     D_id trained briefly on the 4 source identities."""
-    from trainer.train_crgan import crgan_preset_config
-    from trainer.train_reid import preset_config, train_reid
+    from trainer.tasks.crgan import crgan_preset_config
+    from trainer.tasks.reid import preset_config, train_reid
 
     root = tmp_path_factory.mktemp("keep_source")
     source = link_subset(market_mini, root / "source", ids=4, splits=("train",))

@@ -81,7 +81,7 @@ def flaky_store(broker):
 def test_redis_outage_mid_shard_neither_fails_the_shard_nor_the_job(broker, tiny_dgnet, tmp_path_factory,
                                                                     monkeypatch):
     import worker.tasks as tasks
-    from generator_service.app import Settings
+    from generator_service.http import Settings
     from tests.test_worker import records_of
     from worker.jobs import submit_job
     from worker.plans import make_plan
@@ -209,8 +209,8 @@ def test_watchdog_waits_one_lease_after_redis_comes_back(broker, flaky_store):
 def test_the_api_answers_503_within_seconds_while_redis_is_down(broker, market_mini, tmp_path):
     from fastapi.testclient import TestClient
 
-    from generator_service.app import Settings, create_app
-    from generator_service.engine import Engine, ServedModel
+    from generator_service.http import Settings, create_app
+    from generator_service.inference.engine import Engine, ServedModel
     from worker.jobs import API_STORE_RETRY_S, CeleryJobs
 
     outage = Outage()

@@ -5,8 +5,8 @@ from collections import Counter
 
 import numpy as np
 
-from reidgen.market import scan_split
-from trainer.samplers import PKBatchSampler, PositiveSampler, RandomBatchSampler
+from reidgen.core.market import scan_split
+from trainer.feeds.samplers import PKBatchSampler, PositiveSampler, RandomBatchSampler
 
 
 def test_pk_batches_are_identity_balanced(market_mini):

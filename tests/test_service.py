@@ -30,17 +30,17 @@ from api_schemas.service import (
     RenderResponse,
     SwapResponse,
 )
-from generator_service.app import Settings, create_app
-from generator_service.client import ServiceClient, ServiceError, decode_b64
-from generator_service.crgan_nets import CRGAN_PRESETS
-from generator_service.engine import DeadlineExceeded, Engine
-from generator_service.images import decode_image_bytes, to_pil
-from generator_service.kinds import SwapItem
-from generator_service.serve import serve
-from reidgen.market import link_subset
-from trainer.train_crgan import crgan_preset_config, train_crgan
-from trainer.train_dgnet import dgnet_preset_config, train_dgnet
-from trainer.train_reid import preset_config, train_reid
+from generator_service.http import Settings, create_app
+from generator_service.http.client import ServiceClient, ServiceError, decode_b64
+from generator_service.http.serve import serve
+from generator_service.inference.engine import DeadlineExceeded, Engine
+from generator_service.inference.kinds import SwapItem
+from generator_service.models.crgan_nets import CRGAN_PRESETS
+from reidgen.core.images import decode_image_bytes, to_pil
+from reidgen.core.market import link_subset
+from trainer.tasks.crgan import crgan_preset_config, train_crgan
+from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+from trainer.tasks.reid import preset_config, train_reid
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = {"max_images": 6, "max_outputs": 8, "max_pixels": 200 * 200, "max_body_bytes": 256 * 1024, "max_steps": 8}
@@ -331,7 +331,7 @@ def test_api_key_through_serve(trained, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-key\n")
     port = free_port()
-    code = (f"from generator_service.serve import serve; serve({str(trained['models'])!r}, port={port}, "
+    code = (f"from generator_service.http.serve import serve; serve({str(trained['models'])!r}, port={port}, "
             f"api_key_file={str(key_file)!r}, device='cpu', log_level='warning')")
     env = {**os.environ, "PYTHONPATH": str(REPO), "REIDGEN_API_KEY": "not-this-one"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -549,8 +549,8 @@ def test_fuzz_of_the_jobs_endpoints_finds_no_server_error(broker, tmp_path):
     """POST /v1/jobs, GET and DELETE /v1/jobs/{id} on a server with the Celery jobs backend (a real
     Redis, database 13, a key prefix and queue of this run) and its roots. The jobs routes never
     touch the engine: it serves a stand-in model."""
-    from generator_service.engine import ServedModel
-    from reidgen.paths import data_root
+    from generator_service.inference.engine import ServedModel
+    from reidgen.core.paths import data_root
     from worker.celery_app import make_app
     from worker.jobs import CeleryJobs, JobStore
 

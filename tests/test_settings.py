@@ -95,9 +95,9 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_the_modules_read_their_settings(monkeypatch, tmp_path):
-    from generator_service.app import Settings
-    from generator_service.serve import read_api_key
-    from reidgen.paths import data_root
+    from generator_service.http import Settings
+    from generator_service.http.serve import read_api_key
+    from reidgen.core.paths import data_root
     from worker.celery_app import make_app, queue_name, redis_retry_s, shard_time_limits
 
     monkeypatch.setenv("REIDGEN_DATA", str(tmp_path))

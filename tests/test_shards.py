@@ -13,7 +13,7 @@ from PIL import Image
 
 from api_schemas.jobs import JobSpec, RecordMeta
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
+from reidgen.core.errors import ReidgenError
 from worker import shards as shard_mod
 from worker.plans import make_plan
 from worker.run import generate_shard, load_runtime, run_job
@@ -190,9 +190,9 @@ def test_crgan_render_job(tiny_dgnet, cuhk_mini, tmp_path):
     """CR-GAN renders (source × target instances) through the same engine and shard format."""
     from dataclasses import replace
 
-    from generator_service.crgan_nets import CRGAN_PRESETS
-    from reidgen.market import link_subset
-    from trainer.train_crgan import crgan_preset_config, train_crgan
+    from generator_service.models.crgan_nets import CRGAN_PRESETS
+    from reidgen.core.market import link_subset
+    from trainer.tasks.crgan import crgan_preset_config, train_crgan
 
     target = link_subset(cuhk_mini, tmp_path / "target", ids=2)
     model = replace(CRGAN_PRESETS["small"], base_channels=12, dis_channels=16, cam_channels=(8, 16, 32, 32))

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from generator_service.checkpoint import load_checkpoint, save_checkpoint
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
-from reidgen.market import link_subset
+from reidgen.core.checkpoint import load_checkpoint, save_checkpoint
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import link_subset
 from tests.torchrun import check_two_rank_run, run_two_ranks
-from trainer.evaluate import evaluate_checkpoint
+from trainer.evaluation.evaluate import evaluate_checkpoint
 from trainer.runlog import read_jsonl
-from trainer.train_reid import preset_config, train_reid
+from trainer.tasks.reid import preset_config, train_reid
 
 
 def tiny_config(data, **kw):

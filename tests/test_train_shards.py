@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from generator_service.checkpoint import load_checkpoint
-from generator_service.images import eval_transform
 from reidgen.cli import main
-from reidgen.errors import ReidgenError
-from reidgen.market import LabelMap, link_subset, scan_split
-from trainer.shard_data import ShardDataset
+from reidgen.core.checkpoint import load_checkpoint
+from reidgen.core.errors import ReidgenError
+from reidgen.core.images import eval_transform
+from reidgen.core.market import LabelMap, link_subset, scan_split
+from trainer.feeds.shards import ShardDataset
 from worker.shards import CorruptRecord, ShardReader
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -55,7 +55,7 @@ def broker(tmp_path_factory, tiny_dgnet):
     env = {"REDIS_URL": url, "REIDGEN_REDIS_PREFIX": f"reidgen-test-{tag}:", "REIDGEN_QUEUE": f"shards-{tag}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from generator_service.app import Settings
+    from generator_service.http import Settings
     from worker.celery_app import make_app
     from worker.jobs import JobStore
 
@@ -161,8 +161,8 @@ def http(broker, tiny_dgnet):
     """The generator service with the Celery jobs backend (requests go through the real app)."""
     from fastapi.testclient import TestClient
 
-    from generator_service.app import create_app
-    from generator_service.engine import Engine
+    from generator_service.http import create_app
+    from generator_service.inference.engine import Engine
     from worker.jobs import CeleryJobs
 
     app = create_app(Engine.from_checkpoint(tiny_dgnet["dgnet"], "cpu"), broker["roots"],
@@ -204,7 +204,7 @@ def test_worker_killed_mid_shard_is_redone_at_once_and_the_job_says_so(broker, s
     another shard is done. Its lease runs out (2 s here, 30 s by default), the other worker's
     watchdog queues the shard again, and the job ends complete: no record lost or twice, the
     records those of the in-process path, and the job record tells which shard was redone."""
-    from generator_service.app import Settings
+    from generator_service.http import Settings
     from worker.jobs import submit_job
 
     defaults = Settings()
@@ -275,8 +275,8 @@ def test_cancelled_job_runs_no_shard(broker, http, spec, tmp_path):
 def test_jobs_endpoint_errors(http, spec, tiny_dgnet, tmp_path):
     from fastapi.testclient import TestClient
 
-    from generator_service.app import create_app
-    from reidgen.errors import ReidgenError
+    from generator_service.http import create_app
+    from reidgen.core.errors import ReidgenError
 
     missing = "0" * 32
     r = http.get(f"/v1/jobs/{missing}")

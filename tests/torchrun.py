@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from generator_service.checkpoint import Checkpoint
+from reidgen.core.checkpoint import Checkpoint
 from trainer.runlog import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

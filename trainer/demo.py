@@ -17,14 +17,14 @@ from pathlib import Path
 
 from api_schemas.evaluation import EvaluationReport
 from api_schemas.jobs import JobSpec
-from generator_service.checkpoint import Checkpoint, resolve_checkpoint, run_checkpoint, run_folder
-from reidgen.errors import ReidgenError
-from reidgen.market import scan_split
-from trainer.evaluate import evaluate_checkpoint
-from trainer.quality import format_quality_table, measure_quality
+from reidgen.core.checkpoint import Checkpoint, resolve_checkpoint, run_checkpoint, run_folder
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import scan_split
+from trainer.evaluation.evaluate import evaluate_checkpoint
+from trainer.evaluation.quality import format_quality_table, measure_quality
 from trainer.report import Section, write_report
-from trainer.train_dgnet import dgnet_preset_config, train_dgnet
-from trainer.train_reid import preset_config, train_reid
+from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+from trainer.tasks.reid import preset_config, train_reid
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _evaluate(checkpoint: Path, data: str, out: Path, device: str) -> Evaluation
 
 def _input_sheet(data: str, out: Path, count: int = 16) -> Path:
     """A row of real training images of distinct people: what the models learn from."""
-    from generator_service.images import image_grid, load_batch
+    from reidgen.core.images import image_grid, load_batch
 
     items = [it for it in scan_split(data, "train") if it.pid > 0]
     firsts = {}
@@ -90,9 +90,9 @@ def _reused_run(run: str, data: str) -> dict:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage; returns the path of the HTML report."""
-    from generator_service.dgnet import DGNet
-    from generator_service.grids import interpolation_strip, swap_grid
-    from generator_service.images import load_batch
+    from generator_service.inference.grids import interpolation_strip, swap_grid
+    from generator_service.models.dgnet import DGNet
+    from reidgen.core.images import load_batch
     from worker.run import run_job
     from worker.shards import contact_sheet, verify
 

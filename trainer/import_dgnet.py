@@ -4,7 +4,7 @@ The reference trainer saves ``gen_XXXXXXXX.pt`` = {'a': generator, 'b': the same
 ``id_XXXXXXXX.pt`` = {'a': appearance encoder}, ``dis_XXXXXXXX.pt`` = {'a': discriminator}, and its
 teacher folder holds ``net_last.pth``, a baseline ResNet-50 classifier's state dict. The key names
 and shapes are listed in shared/reference/dgnet_reference_checkpoint_layout.json; the networks
-they fit are the paper preset in the ``reference`` generator layout (generator_service.dgnet_nets),
+they fit are the paper preset in the ``reference`` generator layout (generator_service.models.dgnet_nets),
 which computes what the reference generator computes.
 
 Every file is read with ``torch.load(weights_only=True)`` (`read_plain`), so importing runs no code
@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from generator_service.checkpoint import file_identity, lineage_entry, read_plain, save_checkpoint
-from generator_service.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
-from generator_service.dgnet_nets import reference_init, with_layout
-from generator_service.reid_model import ReidModelConfig, ReidNet
-from reidgen.config import config_to_dict
-from reidgen.errors import ReidgenError
-from reidgen.market import LabelMap, scan_split
-from trainer.train_dgnet import dgnet_preset_config
+from generator_service.models.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
+from generator_service.models.dgnet_nets import reference_init, with_layout
+from generator_service.models.reid import ReidModelConfig, ReidNet
+from reidgen.core.checkpoint import file_identity, lineage_entry, read_plain, save_checkpoint
+from reidgen.core.config import config_to_dict
+from reidgen.core.errors import ReidgenError
+from reidgen.core.market import LabelMap, scan_split
+from trainer.tasks.dgnet import dgnet_preset_config
 
 # Reference keys that carry nothing the computation uses: torchvision's ImageNet classifier (`fc`,
 # replaced by the ClassBlock heads) and the AdaIN layers' dummy running statistics.

@@ -23,7 +23,7 @@ Checkpoint layout (kind-independent)::
     model_config  train_config  label_map  lineage{file: {path, sha256_16}}  ...task extras
 
 The model that inference builds is ``models["model"]`` (CR-GAN: ``models["gen"]``);
-`generator_service.checkpoint.Checkpoint` still reads the older layouts.
+`reidgen.core.checkpoint.Checkpoint` still reads the older layouts.
 """
 from __future__ import annotations
 
@@ -36,12 +36,12 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from generator_service.checkpoint import Checkpoint, load_state, run_checkpoint, save_checkpoint
-from generator_service.device import autocast, pick_device
-from generator_service.images import image_grid
-from reidgen.config import config_to_dict
-from reidgen.errors import ReidgenError
-from trainer.device import rng_state, set_rng_state
+from reidgen.core.checkpoint import Checkpoint, load_state, run_checkpoint, save_checkpoint
+from reidgen.core.config import config_to_dict
+from reidgen.core.device import autocast, pick_device
+from reidgen.core.errors import ReidgenError
+from reidgen.core.images import image_grid
+from reidgen.core.rng import rng_state, set_rng_state
 from trainer.distributed import (
     average_gradients,
     broadcast_parameters,

@@ -32,8 +32,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from celery import Celery
 
+from reidgen.core.errors import ReidgenError
 from reidgen.core.settings import WorkerSettings
-from reidgen.errors import ReidgenError
 
 REDIS_PASSWORD_FILE_ENV = WorkerSettings.env_name("redis_password_file")
 _installed: WorkerSettings | None = None

@@ -55,7 +55,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from api_schemas.jobs import JobError, JobEvent, JobManifest, JobRequest, JobStatus
-from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_error
+from reidgen.core.errors import GENERIC_MESSAGE, ReidgenError, public_error
 from worker.celery_app import key_prefix, redis_retry_s, redis_url, redo_queue_name, shard_time_limits
 from worker.plans import locate, make_plan
 from worker.shards import ensure_job_manifest
@@ -441,7 +441,7 @@ def dispatch(job_id: str, count: int, store: JobStore, app=None) -> int:
 
 
 def check_limits(request: JobRequest, records: int, shards: int, settings) -> None:
-    """A server's bounds on one job (`generator_service.app.Settings`): 400 naming the field."""
+    """A server's bounds on one job (`generator_service.http.Settings`): 400 naming the field."""
     spec = request.spec
     if records > settings.max_job_records:
         raise public_error(f"spec: the job plans {records} records; this server takes at most "
@@ -463,7 +463,7 @@ def submit_job(request: JobRequest, store: JobStore | None = None, app=None, set
     the job and queue its first shards (at most the dispatch window; each finished shard queues
     the next); returns the job id.
 
-    ``settings`` (`generator_service.app.Settings`): a server's roots, which the job's names must
+    ``settings`` (`generator_service.http.Settings`): a server's roots, which the job's names must
     stay under, and its bounds on jobs. None: `reidgen generate --submit`, run in the user's own
     shell: paths as given, no bounds (the workers still confine the paths to their roots)."""
     from worker.celery_app import app as default_app
@@ -605,7 +605,7 @@ API_STORE_RETRY_S = 2.0
 
 
 class CeleryJobs:
-    """The service's ``/v1/jobs`` backend (`generator_service.app.JobsBackend`)."""
+    """The service's ``/v1/jobs`` backend (`generator_service.http.JobsBackend`)."""
 
     def __init__(self, store: JobStore | None = None, app=None):
         self.store, self.app = store or JobStore(retry_s=API_STORE_RETRY_S), app

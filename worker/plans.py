@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from api_schemas.jobs import JobSpec
-from reidgen.errors import about
-from reidgen.market import Item, scan_split
-from reidgen.paths import confine, confine_model, resolve_data
+from reidgen.core.errors import about
+from reidgen.core.market import Item, scan_split
+from reidgen.core.paths import confine, confine_model, resolve_data
 
 PLAN_VERSION = b"reidgen-plan-2"  # in the hash: records computed per row, not listed
 
@@ -174,7 +174,7 @@ class Located:
 
 
 def locate(spec: JobSpec, out: str | Path, settings=None) -> Located:
-    """The job's files: with a server's ``settings`` (`generator_service.app.Settings` with its
+    """The job's files: with a server's ``settings`` (`generator_service.http.Settings` with its
     roots) each name is confined to its root (`PathNotAllowed`, naming the field, otherwise);
     without, the paths are taken as given (`reidgen generate` runs in the user's own shell)."""
     if settings is None or not settings.confined:

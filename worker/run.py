@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from api_schemas.jobs import JobManifest, JobSpec, ModelIdentity, RecordMeta, ShardManifest, SoftLabel, SourceRef
-from generator_service.checkpoint import Checkpoint, file_identity, resolve_checkpoint
-from generator_service.engine import Engine, ServedModel
-from generator_service.images import UnreadableImage, decode_image, denormalize, encode_image
-from generator_service.synthesis import Synthesizer
-from generator_service.synthesis import top_k as keep_top_k
-from generator_service.teacher import Teacher
-from reidgen.errors import ReidgenError, about, public_error
-from reidgen.market import Item, LabelMap
+from generator_service.inference.engine import Engine, ServedModel
+from generator_service.inference.synthesis import Synthesizer
+from generator_service.inference.synthesis import top_k as keep_top_k
+from generator_service.models.teacher import Teacher
+from reidgen.core.checkpoint import Checkpoint, file_identity, resolve_checkpoint
+from reidgen.core.errors import ReidgenError, about, public_error
+from reidgen.core.images import UnreadableImage, decode_image, denormalize, encode_image
+from reidgen.core.market import Item, LabelMap
 from worker.plans import Located, Plan, locate, make_plan
 from worker.shards import MANIFEST, ShardWriter, ensure_job_manifest, pack_record, shard_done, shard_name
 

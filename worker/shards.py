@@ -29,7 +29,7 @@ import lmdb
 from PIL import Image
 
 from api_schemas.jobs import FailedRecord, JobManifest, RecordEntry, ShardManifest
-from reidgen.errors import ReidgenError, public_error
+from reidgen.core.errors import ReidgenError, public_error
 
 MAGIC = b"RGR1"
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from api_schemas.jobs import JobError, JobSpec
-from reidgen.errors import GENERIC_MESSAGE, ReidgenError, public_message
+from reidgen.core.errors import GENERIC_MESSAGE, ReidgenError, public_message
 from worker.celery_app import app, worker_settings
 from worker.jobs import LIVE, Heartbeat, JobStore, JobStoreUnavailable, Watchdog, dispatch
 from worker.plans import locate
@@ -55,7 +55,7 @@ def client_error(exc: BaseException, index: int) -> JobError:
 def settings():
     """This worker's `Settings` (roots, heartbeat and lease) from its `WorkerSettings`: those
     `reidgen worker` installed from its flags and the environment (`worker.celery_app.use_settings`)."""
-    from generator_service.app import Settings
+    from generator_service.http import Settings
 
     return Settings.from_env(worker=worker_settings())
 

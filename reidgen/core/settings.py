@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from reidgen.errors import ReidgenError
+from reidgen.core.errors import ReidgenError
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 SHARED = _CHECKOUT.parent / "shared"  # the data and models beside the checkout (the development layout)

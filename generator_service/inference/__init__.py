@@ -1,0 +1,1 @@
+"""Inference: the batching engine, the model-kind registry, synthesis."""

@@ -1,0 +1,1 @@
+"""The networks, each model kind owning its loading."""

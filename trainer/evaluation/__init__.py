@@ -1,0 +1,1 @@
+"""Re-id evaluation and image-quality measurement."""

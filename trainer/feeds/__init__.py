@@ -1,0 +1,1 @@
+"""Where training batches come from: data sets, samplers, shards, generated images."""

@@ -1,0 +1,1 @@
+"""What each training command optimises, on the one loop."""
