@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
@@ -59,18 +60,47 @@ def real_images(market_mini) -> torch.Tensor:
     return _labelled_images(market_mini, 8)[0]
 
 
+# One saturated colour per identity, far apart in RGB: painted over a band at the top and the bottom
+# of every training image of that identity, it makes the four identities separable by colour alone.
+MARKS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0))
+
+
+def _marked_subset(src: Path, dst: Path, ids: int) -> Path:
+    """The training images of the first ``ids`` identities of ``src``, copied with their identity's
+    colour band (a quarter of the height at the top and at the bottom): a task a teacher learns to
+    the last image on any machine, whatever rounding its training meets."""
+    folder = dst / "bounding_box_train"
+    folder.mkdir(parents=True)
+    linked = link_subset(src, dst / "linked", ids=ids, splits=("train",)) / "bounding_box_train"
+    pids = sorted({f.name.split("_")[0] for f in linked.iterdir()})
+    for f in sorted(linked.iterdir()):
+        image = Image.open(f).convert("RGB")
+        band = image.height // 4
+        colour = MARKS[pids.index(f.name.split("_")[0])]
+        image.paste(colour, (0, 0, image.width, band))
+        image.paste(colour, (0, image.height - band, image.width, image.height))
+        image.save(folder / f.name, quality=95)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def trained_teacher(market_mini, tmp_path_factory):
-    """A teacher trained long enough on 4 identities to know them (about 30 s on one thread). The
-    subset is uneven (one identity can hold half the images), and 16 epochs left some images of the
-    largest one named as another in eval mode (0.68 on one machine's subset); 48 are plenty."""
+    """A teacher trained on 4 identities made separable by a colour band (``_marked_subset``).
+
+    On the plain images this check depended on rounding: 48 epochs at a constant learning rate of
+    0.05 named 0.8-1.0 of the training images on one machine and 0.725 on another. The loss there
+    still jumps from 0.001 to 2.3 between steps at the end, so the last checkpoint is a lucky draw,
+    even with the bands (12 such epochs named 0.75 at one thread, 1.0 at two). With the bands and
+    the rate cut tenfold after epoch 5, 10 epochs named all 79 images at 1 and 2 threads for seeds
+    0-4, but for one run (seed 3, one thread: 76 of 79, 39 of the test's 40), in about 15 s on one
+    busy thread."""
     from generator_service.models.teacher import Teacher
     from trainer.tasks.reid import preset_config, train_reid
 
     root = tmp_path_factory.mktemp("quality_teacher")
-    data = link_subset(market_mini, root / "data", ids=4, splits=("train",))
-    cfg = preset_config("tiny", data=str(data), epochs=48, workers=0, evaluate=False, erasing_p=0.0,
-                        backbone_lr_mult=1.0, warmup_epochs=0.5)
+    data = _marked_subset(market_mini, root / "data", ids=4)
+    cfg = preset_config("tiny", data=str(data), epochs=10, milestones=(5.0,), workers=0, evaluate=False,
+                        erasing_p=0.0, backbone_lr_mult=1.0, warmup_epochs=0.5)
     checkpoint = train_reid(cfg, root / "teacher", progress=False)
     label_map = LabelMap.from_items(scan_split(data, "train"))
     return Teacher(str(checkpoint), label_map, torch.device("cpu")), data
@@ -159,8 +189,11 @@ def test_a_trained_teacher_names_its_own_training_images(trained_teacher):
     images, labels = _labelled_images(data, 40)
     with torch.no_grad():
         top1, features = teacher_predictions(teacher, images)
-    assert identity_share(top1, labels) >= 0.8
-    assert identity_share(top1, (labels + 1) % 4) <= 0.2  # someone else's labels: rarely
+    # Chance is 0.25 (4 identities). On the marked task 10 runs (seeds 0-4, 1 and 2 threads) named at
+    # least 0.975 of these 40 (9 of them 1.0): the bound of 0.9 leaves 3 more misses to rounding and
+    # stands 0.65 above chance.
+    assert identity_share(top1, labels) >= 0.9
+    assert identity_share(top1, (labels + 1) % 4) <= 0.1  # someone else's labels: at most what it misses
     assert features.shape == (40, teacher.net.config.bottleneck)
 
 
