@@ -22,6 +22,7 @@ from api_schemas.jobs import JobSpec
 from reidgen.core.errors import about
 from reidgen.core.market import Item, scan_split
 from reidgen.core.paths import confine, confine_model, resolve_data
+from worker.shards import OutPlace
 
 PLAN_VERSION = b"reidgen-plan-2"  # in the hash: records computed per row, not listed
 
@@ -170,7 +171,7 @@ class Located:
     teacher: Path | None
     data: Path | None      # None: the spec's own path or name under REIDGEN_DATA (in-process)
     target: Path | None
-    out: Path
+    out: OutPlace          # opened through descriptors below the shards root (`worker.shards.OutPlace`)
 
 
 def locate(spec: JobSpec, out: str | Path, settings=None) -> Located:
@@ -179,11 +180,12 @@ def locate(spec: JobSpec, out: str | Path, settings=None) -> Located:
     without, the paths are taken as given (`reidgen generate` runs in the user's own shell)."""
     if settings is None or not settings.confined:
         teacher = Path(spec.teacher) if spec.teacher else None
-        return Located(Path(spec.checkpoint), teacher, None, None, Path(out))
+        return Located(Path(spec.checkpoint), teacher, None, None, OutPlace.of(out))
     models, data = settings.models_root, settings.data_root
     return Located(
         checkpoint=confine_model(models, spec.checkpoint, "spec.checkpoint"),
         teacher=confine_model(models, spec.teacher, "spec.teacher") if spec.teacher is not None else None,
         data=confine(data, spec.data, "spec.data", "data set"),
         target=confine(data, spec.target, "spec.target", "data set") if spec.target is not None else None,
-        out=confine(settings.shards_root, str(out), "out", "shards folder"))
+        out=OutPlace.of(confine(settings.shards_root, str(out), "out", "shards folder"), settings.shards_root,
+                        shown=str(out)))

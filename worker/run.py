@@ -23,17 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from api_schemas.jobs import JobManifest, JobSpec, ModelIdentity, RecordMeta, ShardManifest, SoftLabel, SourceRef
+from api_schemas.jobs import JobManifest, JobSpec, ModelIdentity, RecordMeta, SoftLabel, SourceRef
 from generator_service.inference.engine import Engine, ServedModel
 from generator_service.inference.synthesis import Synthesizer
 from generator_service.inference.synthesis import top_k as keep_top_k
 from generator_service.models.teacher import Teacher
 from reidgen.core.checkpoint import Checkpoint, file_identity, resolve_checkpoint
+from reidgen.core.confined import Folder
 from reidgen.core.errors import ReidgenError, about, public_error
 from reidgen.core.images import UnreadableImage, decode_image, denormalize, encode_image
 from reidgen.core.market import Item, LabelMap
 from worker.plans import Located, Plan, locate, make_plan
-from worker.shards import MANIFEST, ShardWriter, ensure_job_manifest, pack_record, shard_done, shard_name
+from worker.shards import (
+    ShardWriter,
+    ensure_job_manifest,
+    ensure_job_manifest_in,
+    open_out,
+    pack_record,
+    read_shard_manifest,
+    shard_done,
+)
 
 log = logging.getLogger("reidgen.worker")
 PREFETCH = 2  # batches decoded ahead of the device
@@ -259,16 +268,25 @@ def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime 
     plan = make_plan(spec, located.data, located.target)
     if not 0 <= index < plan.shards:
         raise public_error(f"shard {index} does not exist; the plan has {plan.shards} shards")
-    ensure_job_manifest(out, JobManifest(spec=spec, plan_hash=plan.hash, shards=plan.shards,
-                                         records_planned=plan.records))
-    if shard_done(out, index):
-        done = ShardManifest.model_validate_json((Path(out) / shard_name(index) / MANIFEST).read_text())
-        return ShardResult(index, "skipped", done.record_count, len(done.failed), 0.0)
-    runtime = runtime or load_runtime(spec, device, located)
+    # The output folder, opened once: every write of the shard goes through this descriptor.
+    with open_out(out) as folder:
+        ensure_job_manifest_in(folder, JobManifest(spec=spec, plan_hash=plan.hash, shards=plan.shards,
+                                                   records_planned=plan.records), out.shown)
+        if shard_done(folder, index):
+            done = read_shard_manifest(folder, index)
+            return ShardResult(index, "skipped", done.record_count, len(done.failed), 0.0)
+        return _make_shard(spec, index, plan, folder, runtime or load_runtime(spec, device, located), started,
+                           on_records=on_records, should_stop=should_stop, loader_threads=loader_threads,
+                           encoder_threads=encoder_threads, overlap=overlap)
+
+
+def _make_shard(spec: JobSpec, index: int, plan: Plan, folder: Folder, runtime: Runtime, started: float, *,
+                on_records, should_stop, loader_threads: int, encoder_threads: int, overlap: bool | None
+                ) -> ShardResult:
     records = list(plan.shard_range(index))
     pairs = _ShardPairs(plan, plan.shard_range(index))
     batches = [records[i:i + spec.batch_size] for i in range(0, len(records), spec.batch_size)]
-    writer = ShardWriter(out, index)
+    writer = ShardWriter(folder, index)
     written = 0
     if overlap is None:
         overlap = runtime.engine.device.type != "cpu"

@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import struct
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import lmdb
 from PIL import Image
 
 from api_schemas.jobs import FailedRecord, JobManifest, RecordEntry, ShardManifest
+from reidgen.core.confined import Folder, NotConfined
 from reidgen.core.errors import ReidgenError, public_error
 
 MAGIC = b"RGR1"
@@ -84,8 +84,70 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def shard_done(out: str | Path, index: int) -> bool:
-    return (Path(out) / shard_name(index) / MANIFEST).is_file()
+@dataclass(frozen=True)
+class OutPlace:
+    """Where a job's shards go: a root, the components below it, and the name the client gave.
+
+    Every write opens the root once and each component below it without following a symlink
+    (`reidgen.core.confined.Folder`), so a component swapped for a symlink after the name was
+    checked is refused instead of followed. Unconfined (`reidgen generate` in the user's shell),
+    the root is the folder itself, opened as the user named it."""
+
+    root: Path
+    parts: tuple[str, ...]
+    shown: str
+
+    @classmethod
+    def of(cls, out: str | Path | OutPlace, root: str | Path | None = None, shown: str | None = None) -> OutPlace:
+        """``out`` under the server's shards ``root`` (already confined and resolved:
+        `reidgen.core.paths.confine`), or, without a root, the folder ``out`` itself. ``shown``: the
+        name as the client gave it (what error messages quote)."""
+        if isinstance(out, OutPlace):
+            return out
+        if root is None:
+            return cls(Path(out), (), str(out) if shown is None else shown)
+        base = Path(root).resolve()
+        return cls(base, Path(out).relative_to(base).parts, str(out) if shown is None else shown)
+
+    def open(self, create: bool = False) -> Folder:
+        """The output folder, open (made, with its missing parents, when ``create``). A file at
+        its place is ``EEXIST``, one above it ``ENOTDIR``, a symlink anywhere below the root ``ELOOP``."""
+        if not self.parts:
+            if create:
+                self.root.mkdir(parents=True, exist_ok=True)
+            return Folder.root(self.root)
+        try:
+            return Folder.below(self.root, self.parts, create)
+        except NotConfined as exc:
+            with Folder.below(self.root, self.parts[:-1]) as parent:
+                last_is_file = exc.errno == errno.ENOTDIR and parent.kind(self.parts[-1]) == "file"
+            if last_is_file:
+                raise FileExistsError(errno.EEXIST, "exists and is not a folder") from None
+            raise
+
+
+def _folder_of(out: str | Path | OutPlace | Folder) -> tuple[Folder, bool]:
+    """An open folder for ``out`` and whether the caller must close it."""
+    if isinstance(out, Folder):
+        return out, False
+    return OutPlace.of(out).open(create=True), True
+
+
+def shard_done(out: str | Path | OutPlace | Folder, index: int) -> bool:
+    folder, owned = _folder_of(out)
+    try:
+        with folder.sub(shard_name(index)) as shard:
+            return shard.kind(MANIFEST) == "file"
+    except (FileNotFoundError, NotConfined):
+        return False
+    finally:
+        if owned:
+            folder.close()
+
+
+def read_shard_manifest(folder: Folder, index: int) -> ShardManifest:
+    with folder.sub(shard_name(index)) as shard:
+        return ShardManifest.model_validate_json(shard.read_bytes(MANIFEST))
 
 
 # Why a path cannot be the output folder, when the path itself is the cause (the client chose
@@ -93,12 +155,14 @@ def shard_done(out: str | Path, index: int) -> bool:
 # the client's mistake and stays an internal error.
 _UNUSABLE_OUT = {errno.EEXIST: "it exists and is not a folder",
                  errno.ENOTDIR: "a part of it is a file, not a folder",
-                 errno.EISDIR: f"its {JOB_FILE} is a folder"}
-_UNUSABLE_ERRNOS = set(_UNUSABLE_OUT) | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG, errno.ELOOP}
+                 errno.EISDIR: f"its {JOB_FILE} is a folder",
+                 errno.ELOOP: "a part of it is a symbolic link, which this server does not follow"}
+_UNUSABLE_ERRNOS = set(_UNUSABLE_OUT) | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG}
 
 
 def _bad_out(out: str | Path, reason: str) -> ReidgenError:
-    return public_error(f"out: cannot use {out} as the output folder: {reason}; give a new or empty folder "
+    """``out`` is the name the client gave (never the server's root: a 4xx body holds no server path)."""
+    return public_error(f"out: cannot use {str(out)!r} as the output folder: {reason}; give a new or empty folder "
                         f"that can be written, or the folder of an earlier run of the same spec")
 
 
@@ -109,58 +173,80 @@ def _unusable_out(out: str | Path, exc: OSError) -> ReidgenError | None:
     return _bad_out(out, _UNUSABLE_OUT.get(exc.errno) or (exc.strerror or "not usable").lower())
 
 
-def _existing_job_manifest(out: Path) -> JobManifest | None:
-    """The ``job.json`` already in ``out``, or None. Something else under that name (a folder,
-    another file) is refused, without quoting its contents."""
-    path = out / JOB_FILE
-    if not path.exists():
+def _existing_job_manifest(folder: Folder, shown: str) -> JobManifest | None:
+    """The ``job.json`` already in the folder, or None. Something else under that name (a folder,
+    a symlink, another file) is refused, without quoting its contents."""
+    kind = folder.kind(JOB_FILE)
+    if kind is None:
         return None
-    if not path.is_file():
-        raise _bad_out(out, _UNUSABLE_OUT[errno.EISDIR])
+    if kind != "file":
+        raise _bad_out(shown, _UNUSABLE_OUT[errno.EISDIR] if kind == "folder" else
+                       f"its {JOB_FILE} is not a regular file")
     try:
-        return JobManifest.model_validate_json(path.read_bytes())
+        return JobManifest.model_validate_json(folder.read_bytes(JOB_FILE))
     except ValueError:  # not JSON, or not a job manifest
-        raise _bad_out(out, f"it holds a {JOB_FILE} that is not a reidgen job manifest") from None
+        raise _bad_out(shown, f"it holds a {JOB_FILE} that is not a reidgen job manifest") from None
 
 
-def ensure_job_manifest(out: str | Path, manifest: JobManifest) -> None:
+def ensure_job_manifest(out: str | Path | OutPlace, manifest: JobManifest) -> None:
     """Write ``job.json`` once; refuse an output folder that holds another job's shards.
 
-    Every way ``out`` itself can be unusable (empty, a NUL character, a file or under one, not
-    writable, a ``job.json`` that is not a job manifest) is a `ReidgenError` naming ``out``, raised
-    before ``job.json`` is written: over HTTP a 4xx, from the CLI one line, never a traceback."""
-    if not str(out):
+    Every way ``out`` itself can be unusable (empty, a NUL character, a file or under one, a
+    symlink below the shards root, not writable, a ``job.json`` that is not a job manifest) is a
+    `ReidgenError` naming ``out`` as the client gave it, raised before ``job.json`` is written: over
+    HTTP a 4xx, from the CLI one line, never a traceback."""
+    with open_out(out) as folder:
+        ensure_job_manifest_in(folder, manifest, OutPlace.of(out).shown)
+
+
+def open_out(out: str | Path | OutPlace) -> Folder:
+    """The output folder, made when missing and opened (through descriptors below a server's
+    shards root); a folder the client named that cannot be used is its error (`_bad_out`)."""
+    shown = out.shown if isinstance(out, OutPlace) else str(out)
+    if not shown:
         raise public_error("out: is empty; give the folder for the shards")
-    if "\0" in str(out):
+    if "\0" in shown:
         raise public_error("out: must not contain a NUL character (\\0): give a folder path")
-    out = Path(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        existing = _existing_job_manifest(out)
+        return OutPlace.of(out).open(create=True)
+    except OSError as exc:
+        error = _unusable_out(shown, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def ensure_job_manifest_in(folder: Folder, manifest: JobManifest, shown: str) -> None:
+    """`ensure_job_manifest` in an output folder already open (``shown``: the client's name for it)."""
+    try:
+        existing = _existing_job_manifest(folder, shown)
         if existing is None:
-            write_atomic(out / JOB_FILE, manifest.model_dump_json(indent=2))
+            folder.write_atomic(JOB_FILE, manifest.model_dump_json(indent=2).encode())
             return
     except OSError as exc:
-        error = _unusable_out(out, exc)
+        error = _unusable_out(shown, exc)
         if error is None:
             raise
         raise error from None
     if existing.plan_hash != manifest.plan_hash:
-        raise public_error(f"out: {out} holds the shards of another job (plan {existing.plan_hash}, this one "
+        raise public_error(f"out: {shown!r} holds the shards of another job (plan {existing.plan_hash}, this one "
                            f"{manifest.plan_hash}); give another folder")
 
 
 # -- writing --------------------------------------------------------------------------------------
 class ShardWriter:
-    """Builds one shard in a temporary folder; `commit` renames it into place."""
+    """Builds one shard in a private temporary folder of the output folder; `commit` renames it
+    into place. Every step goes through the output folder's descriptor: the temporary folder is
+    made there (mode 0700, so only this worker's user can enter it), LMDB writes into it through
+    its own descriptor (`Folder.path`), and the rename is relative to the output folder's."""
 
-    def __init__(self, out: str | Path, index: int):
-        self.out, self.index = Path(out), index
-        self.final = self.out / shard_name(index)
-        self.tmp = self.out / f".{shard_name(index)}.tmp-{uuid.uuid4().hex[:12]}"
-        self.tmp.mkdir(parents=True)
+    def __init__(self, out: str | Path | OutPlace | Folder, index: int):
+        self.folder, self._owned = _folder_of(out)
+        self.index = index
+        self.final = shard_name(index)
+        self.tmp, self._tmp = self.folder.private(f".{shard_name(index)}.tmp-")
         # lock=False: this process is the only one that ever opens the temporary folder.
-        self.env = lmdb.open(str(self.tmp), map_size=_INITIAL_MAP, lock=False, metasync=False, sync=False)
+        self.env = lmdb.open(self._tmp.path, map_size=_INITIAL_MAP, lock=False, metasync=False, sync=False)
         self.entries: list[RecordEntry] = []
         self.failed: list[FailedRecord] = []
 
@@ -189,28 +275,38 @@ class ShardWriter:
                                  failed=self.failed, shard_sha256=shard_digest(self.entries), **manifest_fields)
         self.env.sync(True)
         self.env.close()
-        (self.tmp / MANIFEST).write_text(manifest.model_dump_json(indent=1))
+        self._tmp.write_new(MANIFEST, manifest.model_dump_json(indent=1).encode())
+        self._tmp.chmod(0o755)  # readable by the trainers, as a folder made by mkdir would be
+        self._tmp.close()
         try:
-            os.rename(self.tmp, self.final)  # atomic; fails if the shard already exists
+            self.folder.rename(self.tmp, self.final)  # atomic; fails if the shard already exists
             won = True
         except OSError:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.folder.remove_tree(self.tmp)
             won = False
         self._discard_stale()
+        self._close()
         return won
 
     def abort(self) -> None:
         try:
             self.env.close()
         finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._tmp.close()
+            self.folder.remove_tree(self.tmp)
+            self._close()
+
+    def _close(self) -> None:
+        if self._owned:
+            self.folder.close()
 
     def _discard_stale(self) -> None:
         # Temporary copies of a finished shard are useless: a killed worker's half-written one,
         # or a duplicate still running (whose rename will fail and which then cleans up itself).
-        for stale in self.out.glob(f".{shard_name(self.index)}.tmp-*"):
-            if stale != self.tmp:
-                shutil.rmtree(stale, ignore_errors=True)
+        prefix = f".{shard_name(self.index)}.tmp-"
+        for stale in self.folder.names():
+            if stale.startswith(prefix) and stale != self.tmp:
+                self.folder.remove_tree(stale)
 
 
 # -- reading --------------------------------------------------------------------------------------
