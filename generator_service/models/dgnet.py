@@ -23,6 +23,7 @@ from generator_service.models.dgnet_nets import (
     StructureEncoder,
     to_grey,
 )
+from generator_service.models.projected_d import ProjectedDiscriminator
 from generator_service.models.reid import ClassifierHead
 from reidgen.core.checkpoint import Checkpoint, load_state, save_checkpoint
 from reidgen.core.config import config_from_dict
@@ -43,10 +44,29 @@ class DGNetConfig:
     # Reference code: the appearance code is detached inside E_a, so E_a learns only from the
     # re-id losses; the paper lets the generative losses reach E_a too. Default: the reference.
     detach_appearance_code: bool = True
+    # D: "multiscale" (the paper's PatchGAN on pixels, with the generator config's dis_* fields) or
+    # "projected" (a fast-converging lever: frozen ImageNet features, generator_service.models.projected_d)
+    # with its width and the factor images are resized by before the feature network.
+    discriminator: str = "multiscale"
+    projected_width: int = 64
+    projected_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.discriminator not in DISCRIMINATORS:
+            raise ValueError(f"discriminator={self.discriminator!r}; expected one of {', '.join(DISCRIMINATORS)}")
 
     @property
     def image_size(self) -> tuple[int, int]:
         return self.generator.image_size
+
+
+DISCRIMINATORS = ("multiscale", "projected")
+
+
+def build_discriminator(cfg: DGNetConfig) -> nn.Module:
+    if cfg.discriminator == "projected":
+        return ProjectedDiscriminator(cfg.image_size, cfg.projected_width, cfg.projected_scale)
+    return MultiScaleDiscriminator(cfg.generator)
 
 
 DGNET_PRESETS: dict[str, DGNetConfig] = {
@@ -119,7 +139,7 @@ class DGNet(nn.Module):
         self.ea = AppearanceEncoder(cfg, num_classes, pretrained)
         self.es = StructureEncoder(cfg.generator)
         self.dec = Decoder(cfg.generator)
-        self.dis = MultiScaleDiscriminator(cfg.generator) if discriminator else None
+        self.dis = build_discriminator(cfg) if discriminator else None
 
     # -- generation API (images are normalised tensors B×3×H×W) --------------------------------
     def encode_appearance(self, x: torch.Tensor) -> torch.Tensor:

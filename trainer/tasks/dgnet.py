@@ -43,11 +43,13 @@ from reidgen.core.config import config_from_dict, config_to_dict, from_preset
 from reidgen.core.errors import ReidgenError
 from reidgen.core.images import UnreadableImages, eval_transform
 from reidgen.core.market import LabelMap, scan_split
+from trainer.augment import DiffAugment
 from trainer.feeds.data import ImageDataset, endless_batches, epoch_loader
 from trainer.feeds.samplers import PositiveSampler, RandomBatchSampler
 from trainer.feeds.transforms import train_transform
 from trainer.loop import Plot, Task, TrainLoop
 from trainer.schedule import warmup_step_factor
+from trainer.tasks.dgnet_levers import PerceptualLoss, identity_loss
 
 
 @dataclass
@@ -62,6 +64,9 @@ class LossWeights:
     fine_ratio: float = 0.2   # λ_fine = fine_ratio · λ_prim
     cycle_max: float = 0.0    # reference code: MUNIT-style cycle loss ramped to 2; off in the paper
     r1: float = 0.01          # R1 penalty on real images, per scale
+    # Fast-converging levers (issue 22; 0 = off, as in the paper): trainer.tasks.dgnet_levers.
+    perc: float = 0.0         # perceptual L1 on frozen ImageNet features, self + positive reconstructions
+    id_recon: float = 0.0     # 1 − cos of the teacher's embeddings, self + positive reconstructions
 
 
 @dataclass
@@ -81,6 +86,7 @@ class DGNetTrainConfig:
     lr_ea: float = 0.002              # SGD for E_a (heads ×ea_head_lr_mult)
     ea_head_lr_mult: float = 10.0
     lr_gen: float = 1e-4              # Adam for E_s, G and D
+    lr_mlp_mult: float = 1.0          # G's AdaIN MLPs learn at lr_gen × this (the path appearance takes)
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 5e-4
     milestones: tuple[float, ...] = (0.6, 0.9)  # fractions of the run: lr ×gamma
@@ -103,6 +109,12 @@ class DGNetTrainConfig:
     # Reference: every loss is the sum of its loader-a and loader-b terms; False takes the mean over both.
     sum_over_loaders: bool = True
     init: str = "reference"           # reference: Kaiming (G, E_s), N(0, 0.02) (D); or "pytorch" defaults
+    # DiffAugment policy for every image D sees, real or generated (trainer.augment; "" = off, the
+    # paper), e.g. "color,translation,cutout".
+    diffaugment: str = ""
+    # An independent re-id model that judges identity in the logged quality figures (never trained
+    # against: the levers that train against the teacher inflate the teacher's own figures).
+    judge: str = ""
     weights: LossWeights = field(default_factory=LossWeights)
     erasing_p: float = 0.5            # random erasing on the copies fed to the classifier only
     pad: int = 10
@@ -132,6 +144,12 @@ DGNET_TRAIN_PRESETS = {
                               sum_over_loaders=False, weights=LossWeights(adv=1.0), ea_from_teacher=True,
                               milestones=(0.9,)),
 }
+# The fast preset (issue 22): the small preset with the perceptual and identity losses on the
+# reconstructions, the levers that converged fastest on a CPU, measured side by side at equal compute
+# (README, "DG-Net in one CPU hour"; bench/dgnet_fast.py). The projected D with DiffAugment drew
+# stripe textures in its first hundred iterations there, so it stays a setting.
+DGNET_TRAIN_PRESETS["fast"] = replace(DGNET_TRAIN_PRESETS["small"],
+                                      weights=replace(DGNET_TRAIN_PRESETS["small"].weights, perc=1.0, id_recon=1.0))
 
 
 def dgnet_preset_config(name: str, **overrides) -> DGNetTrainConfig:
@@ -252,8 +270,9 @@ class DGNetTrainer(Task):
              {"params": ea.head_parameters(), "lr": cfg.lr_ea * cfg.ea_head_lr_mult}],
             momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
         adam = dict(lr=cfg.lr_gen, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        self.opt_gen = torch.optim.Adam(list(self.net.es.parameters()) + list(self.net.dec.parameters()), **adam)
-        self.opt_dis = torch.optim.Adam(self.net.dis.parameters(), **adam)
+        self.opt_gen = torch.optim.Adam(self._generator_groups(), **adam)
+        # The projected D's feature network and projections are frozen: only its heads learn.
+        self.opt_dis = torch.optim.Adam([p for p in self.net.dis.parameters() if p.requires_grad], **adam)
         self.models = {"model": self.net}
         # Named in the order of an older checkpoint's list.
         self.optimizers = {"ea": self.opt_ea, "gen": self.opt_gen, "dis": self.opt_dis}
@@ -268,11 +287,29 @@ class DGNetTrainer(Task):
         self.samplers = [RandomBatchSampler(len(items), cfg.batch_size, seed + i) for i in (0, 1)]
         self.erase = RandomErasing(p=cfg.erasing_p, value=0) if cfg.erasing_p > 0 else None
         self.unreadable = UnreadableImages(strict=cfg.strict_images)
+        try:
+            self.augment = DiffAugment(cfg.diffaugment)
+        except ValueError as exc:
+            raise ReidgenError(str(exc)) from None
+        self.perceptual = PerceptualLoss().to(self.device) if cfg.weights.perc > 0 else None
+        self.judge = Teacher(cfg.judge, self.label_map, self.device) if cfg.judge else None
+
+    def _generator_groups(self) -> list[dict]:
+        """E_s and G's parameters for Adam; the AdaIN MLPs in a group of their own when their
+        learning rate differs (one group otherwise, the layout of earlier checkpoints)."""
+        es, dec, mult = self.net.es, self.net.dec, self.cfg.lr_mlp_mult
+        if mult == 1.0:
+            return [{"params": list(es.parameters()) + list(dec.parameters())}]
+        mlp = {id(p) for p in dec.mlps.parameters()}
+        rest = list(es.parameters()) + [p for p in dec.parameters() if id(p) not in mlp]
+        return [{"params": rest}, {"params": list(dec.mlps.parameters()), "lr": self.cfg.lr_gen * mult}]
 
     def _initialise(self) -> None:
         cfg = self.cfg
         if cfg.init == "reference":
-            reference_init([self.net.es, self.net.dec], self.net.dis)
+            # The projected D keeps its own initial weights (frozen ImageNet features among them).
+            dis = self.net.dis if cfg.model.discriminator == "multiscale" else None
+            reference_init([self.net.es, self.net.dec], dis)
         elif cfg.init != "pytorch":
             raise ReidgenError(f"unknown init {cfg.init!r}; expected reference or pytorch")
         if cfg.ea_from_teacher:
@@ -341,9 +378,11 @@ class DGNetTrainer(Task):
                     x_cross=net.dec(c_cross, s))
 
     def d_losses(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
-        """LSGAN and R1 of D on real images and the (detached) cross-identity images."""
+        """D's loss (LSGAN and R1 for the multi-scale D, hinge for the projected one) on real images and
+        the (detached) cross-identity images."""
         k = 2.0 if self.cfg.sum_over_loaders else 1.0
-        d_adv, r1 = self.net.dis.d_loss(real, fake.detach(), r1_weight=self.cfg.weights.r1)
+        # DiffAugment (when on) transforms real and generated images alike, each with fresh parameters.
+        d_adv, r1 = self.net.dis.d_loss(self.augment(real), self.augment(fake.detach()), r1_weight=self.cfg.weights.r1)
         return {"d_adv": k * d_adv, "d_r1": k * r1}
 
     def g_losses(self, gen: dict[str, torch.Tensor], pa, pb, ya, yb) -> dict[str, torch.Tensor]:
@@ -373,7 +412,14 @@ class DGNetTrainer(Task):
             s_rec = frozen_copy(net.es, to_grey(x_cross))
         out["l_code"] = k * (F.l1_loss(c_rec, gen["c_cross"].detach()) + F.l1_loss(s_rec, s_target))
         with frozen(net.dis):
-            out["l_adv"] = k * self.cfg.weights.adv * net.dis.g_loss(x_cross)
+            out["l_adv"] = k * self.cfg.weights.adv * net.dis.g_loss(self.augment(x_cross))
+        # The levers on the reconstructions (self and positive, both of x_i): one pass over both, the
+        # sum of the two means, as L_img1 + L_img2.
+        recon = torch.cat([gen["x_self"], gen["x_pos"]]) if cfg.weights.perc > 0 or cfg.weights.id_recon > 0 else None
+        if cfg.weights.perc > 0:
+            out["l_perc"] = 2 * k * self.perceptual(recon, real)
+        if cfg.weights.id_recon > 0:
+            out["l_id_recon"] = 2 * k * identity_loss(self.teacher, recon, real)
 
         # Identity on real images and on their positives, erased copies for the classifier.
         real_all = torch.cat([real, pa, pb])
@@ -406,7 +452,7 @@ class DGNetTrainer(Task):
         weight = {"l_img1": lam["img"], "l_img2": lam["img"], "l_code": lam["code"], "l_id_cross": lam["id_cross"],
                   "l_adv": lam["adv"], "l_id_self": lam["id_self"], "l_id_pos": lam["id_pos"],
                   "l_fine_real": lam["fine_real"], "l_prim": lam["prim"], "l_fine": lam["fine"],
-                  "l_cycle": lam["cycle"]}
+                  "l_cycle": lam["cycle"], "l_perc": self.cfg.weights.perc, "l_id_recon": self.cfg.weights.id_recon}
         return sum(weight[name] * value for name, value in losses.items())
 
     def train_step(self, batch) -> dict[str, float]:
@@ -457,10 +503,12 @@ class DGNetTrainer(Task):
     def plots(self) -> list[Plot]:
         cfg = self.cfg
         plots = [Plot("metrics.png", ("l_img1", "l_img2", "l_code", "l_id_cross", "l_id_self", "l_id_pos", "l_adv",
-                                      "d_adv", "l_prim", "l_fine", "acc_real"), f"train-dgnet {cfg.data}")]
+                                      "d_adv", "l_prim", "l_fine", "l_perc", "l_id_recon", "acc_real"),
+                      f"train-dgnet {cfg.data}")]
         if cfg.quality_every:
-            plots.append(Plot("quality.png", QUALITY_CURVES, f"generation quality on {cfg.quality_images} fixed "
-                              "training images", event="quality"))
+            judged = ("identity_consistency_judge", "reconstruction_identity_judge") if cfg.judge else ()
+            plots.append(Plot("quality.png", QUALITY_CURVES + judged, f"generation quality on {cfg.quality_images} "
+                              "fixed training images", event="quality"))
         return plots
 
     def checkpoint_fields(self) -> dict:
@@ -486,7 +534,7 @@ class DGNetTrainer(Task):
         # A forked RNG: measuring must not change the training that follows (exact resume).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
                 self.loop.autocast():
-            return cheap_quality(self.net, self.teacher, *self._quality_batch, seed=self.cfg.seed)
+            return cheap_quality(self.net, self.teacher, *self._quality_batch, seed=self.cfg.seed, judge=self.judge)
 
     def grid_rows(self) -> list[list[torch.Tensor]] | None:
         """Rows: a, b, G(a_a, s_a), G(a_pos, s_a), G(a_a, s_b), G(a_b, s_a)."""
