@@ -24,6 +24,8 @@ from bench.common import write_results  # noqa: E402
 KEYS = ("identity_consistency", "structure_identity_share", "reconstruction_identity", "real_identity",
         "reconstruction_ssim", "reconstruction_l1", "fid",
         "kid", "kid_std", "fid_real", "kid_real", "diversity_ssim", "diversity_ssim_real", "teacher_fd", "step")
+JUDGED = ("identity_consistency_judge", "structure_identity_share_judge", "reconstruction_identity_judge",
+          "real_identity_judge")
 
 
 def snapshots(run: Path) -> dict[str, Path]:
@@ -66,6 +68,8 @@ def main() -> int:
                     help="the teacher trained further on real images alone for as many images as the DG-Net run "
                          "saw (reidgen train-reid --init TEACHER ...): separates the generated images' share of "
                          "E_a's gain from the extra training")
+    ap.add_argument("--judge", metavar="CKPT",
+                    help="an independent re-id model (train-reid with another seed): its identity figures too")
     ap.add_argument("--results", default="dgnet_cpu_run",
                     help="name of the JSON under bench/results/ (another name keeps an earlier run's figures)")
     args = ap.parse_args()
@@ -84,10 +88,12 @@ def main() -> int:
         # went on) is reused: RUN/quality_<snapshot>_n<N>.json.
         cached = run / f"quality_{path.stem}_n{args.n}.json"
         report = json.loads(cached.read_text()) if cached.is_file() else {}
-        if not set(KEYS) <= set(report):  # missing, or made before a figure was added
-            report = measure_quality(path, data, n=args.n, device=args.device)
+        keys = KEYS + (JUDGED if args.judge else ())
+        # Missing, made before a figure was added, or judged by another model: measured again.
+        if not set(keys) <= set(report) or report.get("judge") != args.judge:
+            report = measure_quality(path, data, judge=args.judge, n=args.n, device=args.device)
             cached.write_text(json.dumps(report, indent=2))
-        blocks[name] = {k: report[k] for k in KEYS}
+        blocks[name] = {k: report[k] for k in keys}
         print(name, json.dumps(blocks[name]), flush=True)
 
     reid = {}
@@ -109,6 +115,7 @@ def main() -> int:
         targets["dgnet_mAP>=control_mAP"] = reid["dgnet"]["mAP"] >= reid["control"]["mAP"]
     write_results(args.results, {
         "device": args.device, "run": str(run), "data": str(data), "teacher": str(teacher),
+        "judge": args.judge,
         "iterations": final["step"], "train_config": final["train_config"], "train_hours": round(hours, 3),
         "quality_n": args.n, **blocks, "reid": reid, "control": args.control, "targets_met": targets,
     })

@@ -10,6 +10,11 @@ native bf16 such as AVX512-BF16), side by side in one run.
 
     python bench/dgnet_speed.py [--data market1501_mini] [--iters 6] [--presets small paper]
                                 [--precisions fp32 bf16] [--threads N]
+
+``--arms`` measures the small preset with each fast-convergence lever of `bench/dgnet_fast.py`
+instead (the cost side of issue 22's arms; an arm's CPU-minutes are its iterations × these
+seconds): ``python bench/dgnet_speed.py --arms --threads 1 --precisions fp32
+--results dgnet_speed_arms``.
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ from bench.common import run_child, write_results  # noqa: E402
 
 
 def child(preset: str, precision: str, data: str, iters: int, warmup: int, teacher: str, out: str,
-          threads: int) -> None:
+          threads: int, arm: str = "") -> None:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    from bench.dgnet_fast import ARMS
     from trainer.runlog import read_jsonl
     from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
 
@@ -41,7 +47,7 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     cfg = dgnet_preset_config(preset, data=data, teacher=teacher, pretrained="none", iterations=warmup + iters,
                               feed_start=0.0, ramp=0.01, workers=1, grid_every=0, checkpoint_every=10**9,
                               quality_every=0, ea_from_teacher=False, amp=precision == "bf16",
-                              cpu_bf16=precision == "bf16")
+                              cpu_bf16=precision == "bf16", **(ARMS[arm] if arm else {}))
     start = time.perf_counter()
     train_dgnet(cfg, out, progress=False)
     wall = time.perf_counter() - start
@@ -49,7 +55,7 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     measured = times[warmup:]
     rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"preset": preset, "precision": precision, "iterations_per_second": rate,
+    print(json.dumps({"preset": preset, "precision": precision, "arm": arm or None, "iterations_per_second": rate,
                       "seconds_per_iteration": 1 / rate,
                       "peak_rss_mb": peak_mb, "wall_seconds": wall, "batch_per_loader": cfg.batch_size,
                       "image_size": list(cfg.model.image_size), "backbone": cfg.model.backbone,
@@ -64,6 +70,9 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["small", "paper"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
+    ap.add_argument("--arms", nargs="*", metavar="ARM",
+                    help="measure these arms of bench/dgnet_fast.py on the small preset (all when none is named)")
+    ap.add_argument("--results", default="dgnet_speed", help="name of the JSON under bench/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
@@ -73,9 +82,18 @@ def main() -> int:
 
     data = str(resolve_data(args.data))
     if args.child:
-        preset, precision = args.child.split(":")
-        child(preset, precision, data, args.iters, args.warmup, args.teacher, args.out_dir, args.threads)
+        preset, precision, arm = args.child.split(":")
+        child(preset, precision, data, args.iters, args.warmup, args.teacher, args.out_dir, args.threads, arm)
         return 0
+    if args.arms is not None:
+        from bench.dgnet_fast import ARMS
+
+        unknown = sorted(set(args.arms) - set(ARMS))
+        if unknown:
+            ap.error(f"unknown arm(s) {', '.join(unknown)}; expected some of {', '.join(ARMS)}")
+        runs = [("small", arm) for arm in (args.arms or ARMS)]
+    else:
+        runs = [(preset, "") for preset in args.presets]
 
     from trainer.tasks.reid import preset_config, train_reid
 
@@ -83,19 +101,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = str(train_reid(preset_config("tiny", data=data, max_steps=1, workers=0, evaluate=False),
                                  Path(tmp) / "teacher", progress=False))
-        for preset in args.presets:
+        for preset, arm in runs:
             for precision in args.precisions:
-                results.append(run_child(__file__, "--child", f"{preset}:{precision}", "--data", data,
+                results.append(run_child(__file__, "--child", f"{preset}:{precision}:{arm}", "--data", data,
                                          "--iters", str(args.iters), "--warmup", str(args.warmup),
                                          "--teacher", teacher, "--threads", str(args.threads),
-                                         "--out-dir", str(Path(tmp) / f"{preset}_{precision}")))
+                                         "--out-dir", str(Path(tmp) / f"{preset}_{precision}_{arm}")))
 
     print(f"DG-Net training speed on {os.cpu_count()} CPU(s), {args.iters} measured iterations each")
-    print(f"{'preset':<8} {'precision':<9} {'backbone':<20} {'image':<9} {'it/s':>7} {'s/it':>7} {'peak RSS':>10}")
+    print(f"{'preset':<8} {'arm':<10} {'precision':<9} {'backbone':<20} {'image':<9} {'it/s':>7} {'s/it':>7} "
+          f"{'peak RSS':>10}")
     for r in results:
-        print(f"{r['preset']:<8} {r['precision']:<9} {r['backbone']:<20} {'×'.join(map(str, r['image_size'])):<9} "
+        print(f"{r['preset']:<8} {r['arm'] or '':<10} {r['precision']:<9} {r['backbone']:<20} "
+              f"{'×'.join(map(str, r['image_size'])):<9} "
               f"{r['iterations_per_second']:7.3f} {r['seconds_per_iteration']:7.2f} {r['peak_rss_mb']:8.0f} MB")
-    by = {(r["preset"], r["precision"]): r for r in results}
+    by = {(r["preset"], r["precision"]): r for r in results if not r["arm"]}
     ratio = None
     if ("small", "fp32") in by and ("paper", "fp32") in by:
         ratio = by["small", "fp32"]["iterations_per_second"] / by["paper", "fp32"]["iterations_per_second"]
@@ -109,7 +129,13 @@ def main() -> int:
     # The children train on the config's default device, "auto": the one pick_device resolves here.
     from reidgen.core.device import pick_device
 
-    write_results("dgnet_speed", {"device": str(pick_device("auto")), "data": data, "results": results,
+    if args.arms is not None:
+        base = {r["precision"]: r for r in results if r["arm"] == "small"}
+        for r in results:
+            if r["precision"] in base:
+                r["cost_over_small"] = r["seconds_per_iteration"] / base[r["precision"]]["seconds_per_iteration"]
+                print(f"{r['arm']} ({r['precision']}): {r['cost_over_small']:.2f}× the small preset's s/it")
+    write_results(args.results, {"device": str(pick_device("auto")), "data": data, "results": results,
                                   "small_over_paper_speed": ratio, "bf16_over_fp32_speed": bf16_speedup,
                                   "torch_threads": args.threads or None})
     return 0

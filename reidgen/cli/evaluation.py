@@ -52,13 +52,16 @@ def cmd_quality(args: argparse.Namespace) -> int:
     from trainer.evaluation.quality_crgan import checkpoint_kind
 
     if checkpoint_kind(args.checkpoint) == "crgan":
+        if args.judge:
+            raise ReidgenError(f"--judge: only for DG-Net checkpoints; {args.checkpoint} is a CR-GAN checkpoint "
+                               "(its identity judge is --teacher)")
         return _quality_crgan(args)
     given = [f"--{name.replace('_', '-')}" for name in CRGAN_QUALITY_OPTIONS if getattr(args, name) is not None]
     if given:
         raise ReidgenError(f"{', '.join(given)}: only for CR-GAN checkpoints; {args.checkpoint} is a DG-Net checkpoint")
-    report = measure_quality(args.checkpoint, args.data, teacher=args.teacher, n=2000 if args.n is None else args.n,
-                             seed=args.seed,
-                             device=args.device, batch_size=args.batch_size)
+    report = measure_quality(args.checkpoint, args.data, teacher=args.teacher, judge=args.judge,
+                             n=2000 if args.n is None else args.n, seed=args.seed, device=args.device,
+                             batch_size=args.batch_size)
     out = Path(args.out) if args.out else run_folder(args.checkpoint) / "quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -105,6 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="data set (default: the one the checkpoint was trained on; CR-GAN: the source)")
     p.add_argument("--teacher", metavar="CKPT", help="re-id classifier judging identity (default: the checkpoint's "
                                                      "teacher; CR-GAN: its D_id, --id-model of train-crgan)")
+    p.add_argument("--judge", metavar="CKPT",
+                   help="DG-Net: an independent re-id model on the same identities (e.g. train-reid with another "
+                        "--seed) that no part of training used; its identity figures are reported beside the "
+                        "teacher's, which training may have learnt to please (--set id_recon=...)")
     p.add_argument("--n", type=int,
                    help="images: DG-Net swaps and each real set (default 2000); CR-GAN renderings = n/k sources × k "
                         "targets, and each real target set (default 100·k). FID is biased at small n: compare at "

@@ -182,19 +182,27 @@ class BatchMeasures:
     diversity_ssim: torch.Tensor       # (B,) SSIM between random pairs of swaps
     swap_features: torch.Tensor        # (B, d) teacher features of the swaps
     real_features: torch.Tensor        # (B, d) teacher features of the real images
+    # The same four identity hits by the independent judge (None without one).
+    judge_hits: dict[str, torch.Tensor] | None = None
 
     @staticmethod
     def join(parts: list["BatchMeasures"]) -> "BatchMeasures":
-        return BatchMeasures(*(torch.cat([getattr(p, f).cpu() for p in parts])
-                               for f in BatchMeasures.__dataclass_fields__))
+        tensors = [f for f in BatchMeasures.__dataclass_fields__ if f != "judge_hits"]
+        joined = BatchMeasures(*(torch.cat([getattr(p, f).cpu() for p in parts]) for f in tensors))
+        if parts[0].judge_hits is not None:
+            joined.judge_hits = {k: torch.cat([p.judge_hits[k].cpu() for p in parts]) for k in parts[0].judge_hits}
+        return joined
 
     def summary(self) -> dict[str, float]:
-        """The headline figures (what `cheap_quality` returns)."""
+        """The headline figures (what `cheap_quality` returns); with a judge, its identity figures
+        as well, named with ``_judge``."""
+        hits = {"identity_consistency": self.appearance_hit, "structure_identity_share": self.structure_hit,
+                "reconstruction_identity": self.reconstruction_hit, "real_identity": self.real_hit}
+        out = {name: float(hit.float().mean()) for name, hit in hits.items()}
+        for name, hit in (self.judge_hits or {}).items():
+            out[f"{name}_judge"] = float(hit.float().mean())
         return {
-            "identity_consistency": float(self.appearance_hit.float().mean()),
-            "structure_identity_share": float(self.structure_hit.float().mean()),
-            "reconstruction_identity": float(self.reconstruction_hit.float().mean()),
-            "real_identity": float(self.real_hit.float().mean()),
+            **out,
             "reconstruction_l1": float(self.reconstruction_l1.mean()),
             "reconstruction_ssim": float(self.reconstruction_ssim.mean()),
             "diversity_ssim": float(self.diversity_ssim.mean()),
@@ -202,31 +210,45 @@ class BatchMeasures:
         }
 
 
+def identity_hits(model, swaps: torch.Tensor, reconstruction: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                  structure_labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Who a re-id classifier names in the swaps, the reconstructions and the real images (the
+    four hits, keyed by the figure they average into), and its features of the swaps and the real images."""
+    swap_top1, swap_features = teacher_predictions(model, swaps)
+    reconstruction_top1, _ = teacher_predictions(model, reconstruction)
+    real_top1, real_features = teacher_predictions(model, images)
+    labels, structure_labels = labels.to(swap_top1.device), structure_labels.to(swap_top1.device)
+    hits = {"identity_consistency": swap_top1 == labels, "structure_identity_share": swap_top1 == structure_labels,
+            "reconstruction_identity": reconstruction_top1 == labels, "real_identity": real_top1 == labels}
+    return hits, swap_features, real_features
+
+
 def measure_batch(net, teacher, images: torch.Tensor, labels: torch.Tensor, own_structure: torch.Tensor,
                   structure: torch.Tensor, structure_labels: torch.Tensor,
-                  generator: torch.Generator) -> tuple[BatchMeasures, torch.Tensor]:
+                  generator: torch.Generator, judge=None) -> tuple[BatchMeasures, torch.Tensor]:
     """Self reconstructions G(a_i, s_i) and cross swaps G(a_i, s_j) of one batch and their measures;
     also returns the swaps (normalised) for Inception. ``own_structure`` holds the images' structure
     codes s_i, ``structure`` the partners' s_j (codes, so a batch paired within itself encodes
-    once). Train/eval modes are the caller's."""
+    once). ``judge``: an independent re-id model whose identity hits are measured too. Train/eval
+    modes are the caller's."""
     appearance = net.encode_appearance(images)
     reconstruction = net.decode(appearance, own_structure).float()
     swaps = net.decode(appearance, structure).float()
-    swap_top1, swap_features = teacher_predictions(teacher, swaps)
-    reconstruction_top1, _ = teacher_predictions(teacher, reconstruction)
-    real_top1, real_features = teacher_predictions(teacher, images)
-    labels, structure_labels = labels.to(swap_top1.device), structure_labels.to(swap_top1.device)
+    hits, swap_features, real_features = identity_hits(teacher, swaps, reconstruction, images, labels,
+                                                       structure_labels)
     measures = BatchMeasures(
         reconstruction_l1=(reconstruction - images).abs().flatten(1).mean(1),
         reconstruction_ssim=ssim(denormalize(reconstruction), denormalize(images.float())),
-        appearance_hit=swap_top1 == labels,
-        structure_hit=swap_top1 == structure_labels,
-        reconstruction_hit=reconstruction_top1 == labels,
-        real_hit=real_top1 == labels,
+        appearance_hit=hits["identity_consistency"],
+        structure_hit=hits["structure_identity_share"],
+        reconstruction_hit=hits["reconstruction_identity"],
+        real_hit=hits["real_identity"],
         diversity_ssim=pair_ssim(swaps, random_partners(len(swaps), generator)),
         swap_features=swap_features,
         real_features=real_features,
     )
+    if judge is not None:
+        measures.judge_hits = identity_hits(judge, swaps, reconstruction, images, labels, structure_labels)[0]
     return measures, swaps
 
 
@@ -245,7 +267,8 @@ def evaluation_mode(*modules: nn.Module):
 
 
 @torch.no_grad()
-def cheap_quality(net, teacher, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict[str, float]:
+def cheap_quality(net, teacher, images: torch.Tensor, labels: torch.Tensor, seed: int = 0,
+                  judge=None) -> dict[str, float]:
     """images: (N,3,H,W) normalised real images (N around 64..128), labels: (N,) class indices.
     Returns identity_consistency, structure_identity_share, reconstruction_l1, reconstruction_ssim,
     diversity_ssim, teacher_fd. No Inception; must run in a few seconds on 2 CPU cores for N=64
@@ -258,10 +281,10 @@ def cheap_quality(net, teacher, images: torch.Tensor, labels: torch.Tensor, seed
     images, labels = images.to(device), labels.to(device)
     generator = torch.Generator().manual_seed(seed)
     partners = cross_pairs(labels, generator).to(device)
-    with evaluation_mode(net, teacher.net):
+    with evaluation_mode(net, teacher.net, *([judge.net] if judge is not None else [])):
         structure = net.encode_structure(images)
         measures, _ = measure_batch(net, teacher, images, labels, structure, structure[partners], labels[partners],
-                                    generator)
+                                    generator, judge)
     return measures.summary()
 
 
@@ -377,13 +400,15 @@ def _loader(items, label_map: LabelMap, size: tuple[int, int], batches: list[lis
 
 @torch.no_grad()
 def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, teacher: str | None = None,
-                    n: int = 2000, seed: int = 0, device: str = "auto", batch_size: int = 64,
-                    progress: bool = True) -> dict:
+                    judge: str | None = None, n: int = 2000, seed: int = 0, device: str = "auto",
+                    batch_size: int = 64, progress: bool = True) -> dict:
     """Every quality figure of a DG-Net checkpoint on its training split (the JSON of ``reidgen quality``).
 
     n real training images (shuffled with ``seed``) give n cross-identity swaps, n self
     reconstructions and the real reference set; n further real images give the real-vs-real floor.
     With fewer than 2n training images, n is reduced (``n_requested`` keeps the ask).
+    ``judge``: an independent re-id model (same identities, trained apart from the run) whose
+    identity figures are reported beside the teacher's, with ``_judge`` in their names.
     """
     from generator_service.models.dgnet import DGNet
     from generator_service.models.teacher import Teacher
@@ -410,7 +435,8 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
 
     dev = pick_device(device)
     net.to(dev)
-    judge = Teacher(str(teacher_path), label_map, dev)
+    teacher_model = Teacher(str(teacher_path), label_map, dev)
+    judge_model = Teacher(str(judge), label_map, dev) if judge else None
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     real = [items[i] for i in order[:n]]
     floor = [items[i] for i in order[n:2 * n]]
@@ -425,14 +451,14 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
     parts, real_diversity = [], []
     bar = dict(unit="batch", dynamic_ncols=True, disable=not progress, leave=False)
     pairs = zip(_loader(real, label_map, size, batches), _loader(structure, label_map, size, batches))
-    with evaluation_mode(net, judge.net):
+    with evaluation_mode(net, teacher_model.net, *([judge_model.net] if judge_model else [])):
         for (x, y, idx, ok), (xs, ys, idx_s, ok_s) in tqdm(pairs, total=len(batches), desc="swaps", **bar):
             keep = unreadable.check(ok, idx, real) & unreadable.check(ok_s, idx_s, structure)
             if keep.sum() < 2:
                 continue
             x, y, xs, ys = (t[keep].to(dev) for t in (x, y, xs, ys))
-            measures, swaps = measure_batch(net, judge, x, y, net.encode_structure(x), net.encode_structure(xs), ys,
-                                            generator)
+            measures, swaps = measure_batch(net, teacher_model, x, y, net.encode_structure(x),
+                                            net.encode_structure(xs), ys, generator, judge_model)
             parts.append(measures)
             real_diversity.append(pair_ssim(x, random_partners(len(x), generator)).cpu())
             inception.add(to_uint8(x), real=True)
@@ -456,6 +482,7 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
         "fid_note": FID_NOTE,
         "n": n, "n_requested": n_requested, "seed": seed,
         "checkpoint": str(path), "step": ckpt.get("step"), "data": str(data), "teacher": str(teacher_path),
+        "judge": str(judge) if judge else None,
         "image_size": list(size), "skipped_images": unreadable.paths,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -481,6 +508,10 @@ DESCRIPTIONS = {
 }
 
 
+# The identity figures that an independent judge measures as well (`measure_quality(judge=...)`).
+JUDGED = ("identity_consistency", "structure_identity_share", "reconstruction_identity", "real_identity")
+
+
 def shown_value(report: dict, key: str) -> str:
     """A figure as the quality tables print it: KID with 5 decimals and its spread, the rest with 4."""
     value = report[key]
@@ -496,5 +527,9 @@ def format_quality_table(report: dict) -> str:
              f"{report['data']}, n = {report['n']}, seed {report['seed']}"]
     for key, meaning in DESCRIPTIONS.items():
         lines.append(f"  {key:<26} {shown_value(report, key):<20} {meaning}")
+    if report.get("judge"):
+        lines.append(f"judged by {report['judge']}, a re-id model that no part of training saw:")
+        for key in JUDGED:
+            lines.append(f"  {key + '_judge':<32} {shown_value(report, key + '_judge'):<14} {DESCRIPTIONS[key]}")
     lines.append(f"note: {report['fid_note']}")
     return "\n".join(lines)
