@@ -8,6 +8,10 @@ The loop owns:
   states, the step and every rank's RNG state, restored so that a resumed run repeats the
   uninterrupted one number for number;
 - the progress bar, grids and quality records at their cadence, AMP (`autocast`);
+- the GPU's fast path (`pick_device`, `prepare`): on CUDA, autocast in bf16 where the GPU has it,
+  else fp16 with one `GradScaler` over every optimiser of the task (`update`; its state is in the
+  checkpoint), channels_last for the convolutional networks, fused Adam and ``cudnn.benchmark``;
+  on the CPU nothing of this changes a number (fp32, or bf16 autocast when the task asks for it);
 - ``torchrun``: rank 0 alone writes; every rank starts from rank 0's weights, draws its own batches
   (`rank_seed`) and averages gradients before each optimiser step (`update`, one flat all-reduce,
   `trainer.distributed`); at the end the ranks' parameter checksums are logged.
@@ -38,7 +42,7 @@ from tqdm import tqdm
 
 from reidgen.core.checkpoint import Checkpoint, load_state, run_checkpoint, save_checkpoint
 from reidgen.core.config import config_to_dict
-from reidgen.core.device import autocast, pick_device
+from reidgen.core.device import amp_dtype, autocast, pick_device
 from reidgen.core.errors import ReidgenError
 from reidgen.core.images import image_grid
 from reidgen.core.rng import rng_state, set_rng_state
@@ -139,6 +143,8 @@ class TrainLoop:
         self.progress = progress and self.ctx.is_main
         self.device = torch.device("cpu")
         self._amp = (False, False)
+        self.precision = "auto"   # or "fp32", "bf16", "fp16": forced (bench/gpu_check.py compares them)
+        self.scaler: torch.amp.GradScaler | None = None  # fp16 autocast on CUDA only
         self._log: RunLog | None = None
 
     # -- what tasks use -------------------------------------------------------------------------
@@ -150,10 +156,26 @@ class TrainLoop:
         """The device of this rank (with several CUDA ranks, the GPU of its local rank), and AMP's setting."""
         self.device = pick_device(device_for(self.ctx, requested))
         self._amp = (amp, cpu_bf16)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN's fastest kernels, found once
+        self.set_precision(self.precision)
         return self.device
 
+    def set_precision(self, precision: str) -> None:
+        """Force the autocast precision ("auto", "fp32", "bf16", "fp16"; see `amp_dtype`): fp16 on
+        CUDA brings a `GradScaler`. Call it before the first step."""
+        self.precision = precision
+        dtype = amp_dtype(self.device, *self._amp, precision=precision)
+        fp16 = dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The dtype of `autocast` (None: fp32)."""
+        return amp_dtype(self.device, *self._amp, precision=self.precision)
+
     def autocast(self):
-        return autocast(self.device, *self._amp)
+        return autocast(self.device, *self._amp, precision=self.precision)
 
     def rank_seed(self, seed: int) -> int:
         """A data stream's seed on this rank: every rank draws its own batches (rank 0: ``seed`` itself)."""
@@ -169,13 +191,54 @@ class TrainLoop:
             self._log.write(**record)
 
     def update(self, loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
-        """One optimiser step of ``loss``: gradients of the optimisers' parameters, averaged over the ranks."""
+        """One optimiser step of ``loss``: gradients of the optimisers' parameters, averaged over the ranks.
+
+        With a `GradScaler` (fp16 on CUDA) the loss is scaled before the backward pass, every
+        optimiser of the step is unscaled and stepped by the scaler (all skipped together when a
+        gradient is not finite) and the scale is updated once, after the last of them."""
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.float().backward()
+        scaler = self.scaler
+        if scaler is None:
+            loss.float().backward()
+        else:
+            scaler.scale(loss.float()).backward()
         average_gradients([p for opt in optimizers for g in opt.param_groups for p in g["params"]], self.ctx)
         for opt in optimizers:
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+        if scaler is not None:
+            scaler.update()
+
+    def prepare(self, task: Task) -> None:
+        """The device's layout and optimiser settings, applied to a built (and restored) task; `run`
+        calls it, and so may a caller that drives ``train_step`` itself. Idempotent.
+
+        On CUDA: the convolutional networks (the task's ``models`` and its other module
+        attributes, e.g. a frozen teacher) in channels_last, and Adam/AdamW fused. On the CPU:
+        nothing changes, except that optimiser states resumed from a CUDA run are made plain again
+        (unfused, steps on the CPU). Either way each state tensor gets its parameter's layout, so
+        that a checkpoint resumes on the other device."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            modules = list(task.models.values())
+            modules += [m for m in vars(task).values() if isinstance(m, torch.nn.Module) and m not in modules]
+            for module in modules:
+                if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+                    module.to(memory_format=torch.channels_last)
+        for opt in task.optimizers.values():
+            adam = isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
+            for group in opt.param_groups:
+                if adam:
+                    if cuda and all(p.is_cuda and p.is_floating_point() for p in group["params"]) \
+                            and not group.get("differentiable"):
+                        group["fused"], group["foreach"] = True, None
+                    elif not cuda and group.get("fused"):
+                        group["fused"] = None
+                for p in group["params"]:
+                    _align_state(opt.state.get(p), p, fused=bool(adam and group.get("fused")))
 
     def restore(self, task: Task) -> None:
         """Weights, optimiser states and step of the resumed checkpoint (the RNG follows in `run`)."""
@@ -196,12 +259,16 @@ class TrainLoop:
             if name in states:
                 opt.load_state_dict(states[name])
         task.step = int(ckpt["step"])
+        scaler_state = ckpt.get("amp_scaler")
+        if self.scaler is not None and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, task: Task) -> Path:
         cfg, out = task.cfg, self.out
         total = task.total_steps()
         last = run_checkpoint(out)
+        self.prepare(task)
         for module in task.models.values():
             broadcast_parameters(module, self.ctx)
         if self.is_main:
@@ -265,6 +332,8 @@ class TrainLoop:
                    "models": {name: m.state_dict() for name, m in task.models.items()},
                    "optimizers": {name: opt.state_dict() for name, opt in task.optimizers.items()},
                    "step": task.step, "rng": states}
+        if self.scaler is not None:
+            payload["amp_scaler"] = self.scaler.state_dict()
         payload.setdefault("lineage", {})
         save_checkpoint(path, task.kind, payload)
         if getattr(task.cfg, "keep_checkpoints", False):
@@ -282,3 +351,20 @@ class TrainLoop:
         grid_dir = self.out / "grids"
         grid_dir.mkdir(parents=True, exist_ok=True)
         image_grid(rows).save(grid_dir / f"step_{task.step:07d}.png")
+
+
+def _align_state(state: dict | None, p: torch.Tensor, fused: bool) -> None:
+    """An optimiser state on its parameter's device and in its layout: moments with the
+    parameter's strides (fused kernels read memory flat), Adam's ``step`` on the device when fused,
+    else a CPU tensor (as a freshly built optimiser has them)."""
+    if not state:
+        return
+    for key, value in list(state.items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if key == "step":
+            device = p.device if fused else torch.device("cpu")
+            if value.device != device:
+                state[key] = value.to(device=device, dtype=torch.float32)
+        elif value.shape == p.shape and (value.device != p.device or value.stride() != p.stride()):
+            state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -16,11 +16,31 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool, cpu: bool = False):
-    """bf16 autocast on CUDA (no loss scaling needed); on the CPU only when ``cpu`` is asked for
-    too (it pays only on CPUs with native bf16, e.g. AVX512-BF16 or AMX, and only for some models)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and cpu and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def amp_dtype(device: torch.device, enabled: bool, cpu: bool = False, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. On CUDA: bf16 where the GPU has it (no loss scaling
+    needed), else fp16 (which needs a `GradScaler` in training); ``precision`` forces one ("fp32",
+    "bf16", "fp16"; "auto": the rule above). On the CPU only bf16: forced, or with "auto" when
+    ``cpu`` is asked for too (it pays only on CPUs with native bf16, e.g. AVX512-BF16 or AMX, and
+    only for some models)."""
+    if precision not in PRECISIONS:
+        raise ReidgenError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if not enabled or precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cpu" and (precision == "bf16" or (precision == "auto" and cpu)):
+        return torch.bfloat16  # fp16 autocast is a CUDA mode: the CPU stays in fp32
+    return None
+
+
+def autocast(device: torch.device, enabled: bool, cpu: bool = False, precision: str = "auto"):
+    """Autocast in `amp_dtype`'s dtype; a null context for fp32."""
+    dtype = amp_dtype(device, enabled, cpu, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
