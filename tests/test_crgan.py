@@ -92,7 +92,9 @@ def test_short_training_lowers_context_loss(crgan_run):
     assert len(steps) == 80
     first = sum(r["l_con"] for r in steps[:10]) / 10
     last = sum(r["l_con"] for r in steps[-10:]) / 10
-    # the default L_con is the paper's norm, which falls as the square root of the squared error
+    # the default L_con is the paper's norm, which falls as the square root of the squared error.
+    # Measured: last/first 0.701 at 1 and at 2 threads (no learning would be 1.0); the bound 0.8 leaves
+    # 0.1 to rounding. Means of 10 steps each, so no single step decides.
     assert last < 0.8 * first, (first, last)
     assert [r["g_updates"] for r in steps[:40]] == [1] * 40 and steps[-1]["g_updates"] == 2
     assert any(r.get("event") == "d_cam" for r in records)

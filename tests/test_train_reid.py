@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -33,7 +34,9 @@ def small_market(market_mini, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(small_market, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(small_market, epochs=2, checkpoint_every=4, keep_checkpoints=True)
+    # lr 0.01, not the preset's 0.05: at 0.05 on 20 identities the loss jumps about (the second
+    # epoch's mean was above the first's), so whether the run "learnt" was a draw of the last steps.
+    cfg = tiny_config(small_market, epochs=2, checkpoint_every=4, keep_checkpoints=True, lr=0.01)
     train_reid(cfg, out, progress=False)
     return out
 
@@ -42,9 +45,13 @@ def test_training_writes_a_run_folder_and_learns(trained_run):
     records = [r for r in read_jsonl(trained_run / "metrics.jsonl") if "loss" in r]
     assert (trained_run / "metrics.png").stat().st_size > 1000
     assert json.loads((trained_run / "config.json").read_text())["model"]["backbone"] == "small_cnn"
-    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
-    assert first == pytest.approx(torch.log(torch.tensor(20.0)).item(), abs=0.3)  # log K at init
-    assert last < first - 0.3
+    chance = torch.log(torch.tensor(20.0)).item()  # cross-entropy of a uniform guess over 20 identities
+    assert records[0]["loss"] == pytest.approx(chance, abs=0.3)  # log K at init
+    # The second epoch's mean loss, against chance: 1.12 below it (seed 0, at 1 and at 2 threads; the
+    # mean of 21 steps, not the last 3, which alone differed by 0.3 between the thread counts). The
+    # bound, 0.5 below chance, leaves 0.6 to rounding.
+    second = records[len(records) // 2:]
+    assert sum(r["loss"] for r in second) / len(second) < chance - 0.5
     ckpt = load_checkpoint(trained_run / "checkpoints" / "last.pt", "reid")
     assert ckpt["step"] == records[-1]["step"] and len(ckpt["label_map"]) == 20
     assert ckpt["label_map"] == sorted(ckpt["label_map"])
@@ -91,8 +98,24 @@ def test_evaluate_cli_table_and_json(trained_run, small_market, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["num_query"] == len(list((small_market / "query").iterdir()))
     assert 0 < report["mAP"] <= 1 and report["rank1"] <= report["rank5"] <= report["rank10"]
-    # Features from training beat chance by far: 20 identities → random mAP is a few %.
-    assert report["rank1"] > 0.2
+    # Rank-1 against chance (a random ranking: 0.028 on this subset). Not a claim about training: the
+    # query identities are not the trained ones, and an untrained small CNN scores 0.205 here, the
+    # trained one 0.23-0.28 (1 and 2 threads). The bound, 3x chance, is a property of any conv features
+    # on these images, 0.12 below the least measured.
+    assert report["rank1"] > 3 * chance_rank1(small_market)
+
+
+def chance_rank1(data) -> float:
+    """The expected rank-1 of a random ranking: per query, the share of its valid gallery (junk, and
+    the same identity seen by the same camera, left out) that is its identity; averaged."""
+    def names(folder):
+        return [tuple(map(int, re.match(r"^(-?\d+)_c(\d+)", p.name).groups())) for p in (data / folder).iterdir()]
+
+    gallery, shares = names("bounding_box_test"), []
+    for pid, cam in names("query"):
+        valid = [g for g in gallery if g[0] != -1 and g != (pid, cam)]
+        shares.append(sum(g[0] == pid for g in valid) / len(valid))
+    return sum(shares) / len(shares)
 
 
 def test_unreadable_images_are_skipped_and_reported(small_market, tmp_path, capsys):
