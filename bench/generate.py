@@ -88,6 +88,7 @@ def main() -> int:
     ap.add_argument("--raw-seconds", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved raw/job measurements (medians reported)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path, help="the JSON (default: bench/results/generate.json)")
     args = ap.parse_args()
 
     import torch
@@ -137,7 +138,7 @@ def main() -> int:
         "device": device, "data": data, "preset": args.preset if not args.checkpoint else "given",
         "batch_size": args.batch, "encoding": args.encoding, "shard_size": args.shard_size, "rounds": args.rounds,
         "target_job_over_raw": 0.85, "results": results,
-    })
+    }, path=args.out)
     return 0
 
 
