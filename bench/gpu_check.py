@@ -328,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         dst = BUNDLE / "data" / args.bundle_data.name
         print(f"{bundle_data(args.bundle_data, dst)} images copied to {dst}")
         return 0
-    wheels = [] if args.dry_run else use_bundle()  # the dry run: this environment's own packages
-
     import torch
 
     dry = args.dry_run
@@ -337,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu-check: no CUDA device on this machine, nothing to check (bench/gpu_check.py --dry-run "
               "exercises it on the CPU)")
         return 0
+    wheels = [] if dry else use_bundle()  # the dry run: this environment's own packages
     from bench.common import machine_info, write_results
     from reidgen.core.paths import resolve_data
 
