@@ -124,7 +124,7 @@ class Setup:
 
         model = CRGAN_PRESETS["small"]
         if self.dry:
-            model = replace(model, base_channels=8, dis_channels=8, cam_channels=(8, 8, 8, 8))
+            model = replace(model, base_channels=12, dis_channels=16, cam_channels=(8, 16, 32, 32))  # test_crgan.py's
         base = dict(source=str(self.source), target=str(self.target), id_model=str(self.teacher), model=model,
                     masks="geometric", batch_size=2 if self.dry else 8, cam_epochs=1, workers=0, grid_every=0,
                     checkpoint_every=10**9, device=self.device, iterations=2)
