@@ -115,6 +115,10 @@ def test_update_calls_the_scaler_once_per_optimiser_and_updates_once(tmp_path):
     a, b, oa, ob = _two_nets()
     loop.update(_loss(a, b), oa, ob)
     assert loop.scaler.calls == ["scale", ("step", "Adam"), ("step", "SGD"), "update"]
+    idle = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())  # nothing of the loss: no gradients
+    loop.scaler.calls.clear()
+    loop.update(_loss(a, b), oa, idle)
+    assert loop.scaler.calls == ["scale", ("step", "Adam"), "update"]
 
 
 class _Tiny(Task):

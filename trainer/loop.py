@@ -207,8 +207,8 @@ class TrainLoop:
         for opt in optimizers:
             if scaler is None:
                 opt.step()
-            else:
-                scaler.step(opt)
+            elif any(p.grad is not None for g in opt.param_groups for p in g["params"]):
+                scaler.step(opt)  # (an optimiser without gradients would make the scaler assert; its step is void)
         if scaler is not None:
             scaler.update()
 
