@@ -406,9 +406,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report["machine"] = machine_info(device)
         write_results("gpu_check", report, path=args.out or OUT)
+    for line in summary(report):
+        print(line)
     print(f"gpu-check: {'dry run ' if dry else ''}done in {report['total_seconds']:.0f} s; "
           f"{'failed: ' + ', '.join(failed) if failed else 'every check passed'}")
     return 1 if failed else 0
+
+
+def summary(report: dict) -> list[str]:
+    """The figures to read at a glance (the device tool returns only the output's tail)."""
+    checks, lines = report["checks"], []
+    for kind in ("dgnet", "crgan"):
+        for name, run in checks.get(f"{kind}_precisions", {}).get("runs", {}).items():
+            ok = checks[f"{kind}_precisions"]["losses_vs_fp32"].get(name, {})
+            peak = run["peak_memory_gib"]
+            lines.append(f"  {kind} {name}: {run['seconds_per_iteration']:.4f} s/it ({run['time_over_fp32']:.2f}x fp32)"
+                         f", peak {'-' if peak is None else f'{peak:.2f} GiB'}, batch {run['batch_size']}, losses "
+                         f"finite {ok.get('finite')}, within tolerance of fp32 {ok.get('within_tolerance')}")
+    targets = checks.get("serve", {}).get("results", {}).get("targets")
+    if targets:
+        lines.append(f"  serve at {targets['clients']} clients: {targets['batched_over_offline']:.2f}x offline "
+                     f"(>= 0.8), {targets['batched_over_unbatched']:.2f}x unbatched (>= 3)")
+    for name, r in checks.get("generate", {}).get("results", {}).get("results", {}).items():
+        lines.append(f"  generate {name}: job {r['job_images_per_s']:.1f} img/s = {r['job_over_raw']:.3f}x raw "
+                     "(>= 0.85)")
+    for name, check in checks.items():
+        lines.append(f"  {name}: {'ok' if check.get('ok', True) else 'FAILED'} in {check['seconds']:.0f} s")
+    return lines
 
 
 def build_and_run(setup: Setup, kind: str, out: Path) -> Path:
