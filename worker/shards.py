@@ -66,6 +66,44 @@ def unpack_record(value: bytes) -> tuple[dict, bytes]:
     return meta, value[8 + n:]
 
 
+# A record's image is the generator's output (128×64 for re-id crops, 256×128 for the paper's
+# DG-Net): this bound leaves room for any real one, and is checked from the header, before decoding.
+MAX_RECORD_PIXELS = 1024 * 1024
+
+
+def decode_record(meta: dict, image: bytes, num_classes: int, max_pixels: int = MAX_RECORD_PIXELS) -> Image.Image:
+    """A record's picture, checked as input: its size (from the header, bounded, and as its labels
+    say), its soft label (classes in 0..K-1, as many probabilities, finite, in [0, 1]) and class
+    labels (-1..K-1). `CorruptRecord` says what is wrong: a shard is data someone may have crafted."""
+    from reidgen.core.images import decode_image_bytes
+
+    if not isinstance(meta, dict):
+        raise CorruptRecord("the record's labels are not a JSON object")
+    try:
+        size = (int(meta["height"]), int(meta["width"]))
+        labels = (int(meta["structure_label"]), int(meta["appearance"]["label"]))
+    except (KeyError, TypeError, ValueError):
+        raise CorruptRecord("the record's labels lack height, width, structure_label or appearance.label") from None
+    if any(not -1 <= label < num_classes for label in labels):
+        raise CorruptRecord(f"a class label is outside -1..{num_classes - 1}")
+    soft = meta.get("soft_label")
+    if soft:
+        classes, probs = soft.get("classes"), soft.get("probs")
+        if not (isinstance(classes, list) and isinstance(probs, list) and len(classes) == len(probs) <= num_classes):
+            raise CorruptRecord(f"the soft label must list as many classes as probabilities, at most {num_classes}")
+        if not all(isinstance(c, int) and 0 <= c < num_classes for c in classes):
+            raise CorruptRecord(f"a soft label class is outside 0..{num_classes - 1}")
+        if not all(isinstance(q, (int, float)) and 0 <= q <= 1 for q in probs):  # NaN fails both comparisons
+            raise CorruptRecord("a soft label probability is not a number in [0, 1]")
+    try:
+        picture = decode_image_bytes(image, "the record's image", max_pixels)
+    except ReidgenError as exc:
+        raise CorruptRecord(str(exc)) from None
+    if (picture.height, picture.width) != size:
+        raise CorruptRecord(f"the image is {picture.height}×{picture.width}; its labels say {size[0]}×{size[1]}")
+    return picture
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -432,9 +470,9 @@ def verify_shard(path: Path, report: VerifyReport, seen: set[int]) -> None:
         report.corrupt.append(f"{path}: {stored} records stored, the manifest lists {len(m.records)}")
     for i, entry in enumerate(m.records):
         try:
-            reader.raw(i)
+            decode_record(*reader.record(i), num_classes=len(m.label_map))
         except CorruptRecord as exc:
-            report.corrupt.append(str(exc))
+            report.corrupt.append(f"{path}: record {entry.index}: {exc}" if str(path) not in str(exc) else str(exc))
         if entry.index in seen:
             report.duplicates.append(entry.index)
         seen.add(entry.index)

@@ -12,17 +12,15 @@ locks, and every record is checked against its manifest checksum. A corrupt reco
 from __future__ import annotations
 
 import bisect
-import io
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from reidgen.core.errors import ReidgenError
 from reidgen.core.market import LabelMap
-from worker.shards import CorruptRecord, ShardReader, shard_paths
+from worker.shards import CorruptRecord, ShardReader, decode_record, shard_paths
 
 
 class ShardDataset(Dataset):
@@ -61,8 +59,10 @@ class ShardDataset(Dataset):
         soft = torch.zeros(self.num_classes)
         try:
             meta, data = reader.record(i)
-            picture = Image.open(io.BytesIO(data)).convert("RGB")
-        except (CorruptRecord, OSError) as exc:
+            # A record is input: its pixels are bounded before decoding and its labels checked (a
+            # crafted shard with a 20000² image or a soft label of the wrong length is dropped).
+            picture = decode_record(meta, data, self.num_classes)
+        except CorruptRecord as exc:
             if self.strict:
                 raise CorruptRecord(f"{self.name(index)}: {exc}") from None
             return torch.zeros(3, *self.image_size), soft, -1, -1, False, index
