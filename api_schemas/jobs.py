@@ -63,8 +63,10 @@ class JobSpec(_Strict):
     targets_per_source: int | None = Field(1, ge=1, description="crgan_render: random target contexts per source; "
                                                                 "null: every target (source × target)")
     seed: int = Field(0, ge=0, lt=2**63)
-    shard_size: int = Field(256, ge=1, le=1_000_000, description="records per shard")
-    batch_size: int = Field(16, ge=1, le=4096, description="images per device batch")
+    shard_size: int = Field(256, ge=1, le=65_536, description="records per shard (a server may take fewer: "
+                                                              "its max_shard_size)")
+    batch_size: int = Field(16, ge=1, le=1024, description="images per device batch (a server may take fewer: its "
+                                                           "max_batch_size)")
     encoding: Literal["png", "jpeg"] = "png"
     jpeg_quality: int = Field(95, ge=1, le=100)
 

@@ -440,9 +440,23 @@ def dispatch(job_id: str, count: int, store: JobStore, app=None) -> int:
     return sent
 
 
+def check_sizes(spec, settings) -> None:
+    """A server's bounds on what one shard of a job costs a worker: its records and its device
+    batch (400 naming the field). The submitting server and each worker check them."""
+    if spec.shard_size > settings.max_shard_size:
+        raise public_error(f"spec.shard_size: {spec.shard_size} is above this server's maximum of "
+                           f"{settings.max_shard_size} records per shard; give a smaller shard_size (a job may "
+                           f"have more shards)", code="shard_too_large")
+    if spec.batch_size > settings.max_batch_size:
+        raise public_error(f"spec.batch_size: {spec.batch_size} is above this server's maximum of "
+                           f"{settings.max_batch_size} images per device batch; give a smaller batch_size",
+                           code="batch_too_large")
+
+
 def check_limits(request: JobRequest, records: int, shards: int, settings) -> None:
     """A server's bounds on one job (`generator_service.http.Settings`): 400 naming the field."""
     spec = request.spec
+    check_sizes(spec, settings)
     if records > settings.max_job_records:
         raise public_error(f"spec: the job plans {records} records; this server takes at most "
                            f"{settings.max_job_records} per job (use a smaller subset, structures_per_image or "

@@ -15,7 +15,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from api_schemas.jobs import JobError, JobSpec
 from reidgen.core.errors import GENERIC_MESSAGE, ReidgenError, public_message
 from worker.celery_app import app, worker_settings
-from worker.jobs import LIVE, Heartbeat, JobStore, JobStoreUnavailable, Watchdog, dispatch
+from worker.jobs import LIVE, Heartbeat, JobStore, JobStoreUnavailable, Watchdog, check_sizes, dispatch
 from worker.plans import locate
 from worker.run import Cancelled, generate_shard, load_runtime
 
@@ -97,6 +97,7 @@ def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int)
     device = worker_settings().device
     try:
         with Heartbeat(jobs, job_id, index, config.heartbeat_s, config.lease_s, worker):
+            check_sizes(spec, config)  # a task sent past the API (Redis, --submit) meets the same bounds
             located = locate(spec, out, config)  # this worker's roots: a name outside them fails the job
             runtime = load_runtime(spec, device, located)
             result = generate_shard(spec, index, out, runtime, located=located,

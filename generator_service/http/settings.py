@@ -33,6 +33,10 @@ class Settings:
     max_job_records: int = 2_000_000
     max_job_tasks: int = 10_000   # shards of one job (one task each)
     min_shard_size: int = 64      # records per shard, unless the whole job fits in one shard
+    # What one shard costs a worker's process: its records (time, manifest) and its device batches
+    # (memory: a batch of 4096 DG-Net images took a pool process from 1.3 to 6.9 GB).
+    max_shard_size: int = 8192
+    max_batch_size: int = 64
     max_active_jobs: int = 16     # jobs queued or running; more → 429
     dispatch_window: int = 64     # tasks queued at submission; each finished shard queues the next
     max_job_body_bytes: int = 64 * 1024
