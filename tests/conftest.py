@@ -11,9 +11,19 @@ import torch
 
 from reidgen.core.market import link_subset
 from reidgen.core.paths import data_root
+from tests import error_bodies
 
 # Tests must not oversubscribe the 2 CI cores with data-loader processes.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Every app a test makes records its 4xx answers: tests/test_error_bodies.py, run last, checks that
+# none holds a server root's path (issue 23, item 2).
+error_bodies.install()
+
+
+def pytest_collection_modifyitems(items):
+    """The check over every 4xx body of the run goes last, after every test that made one."""
+    last = [item for item in items if item.nodeid.startswith("tests/test_error_bodies.py")]
+    items[:] = [item for item in items if item not in last] + last
 
 
 def _dataset(name: str) -> Path:
