@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "bench/gpu_check.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=1800)
 
 
 def test_dry_run_exercises_every_check(market_mini, tmp_path):
