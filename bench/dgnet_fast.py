@@ -47,12 +47,17 @@ FINAL_KEYS = ("identity_consistency", "reconstruction_identity", "structure_iden
 
 
 def seconds_per_iteration(speed: dict, arm: str, bf16: bool) -> float:
-    """The arm's seconds per iteration on a free core, from a ``dgnet_speed.py --arms`` record."""
+    """The arm's seconds per iteration on a free core, from a ``dgnet_speed.py --arms`` record
+    (``--cost-proxy`` may name another arm whose figure stands in, recorded as such)."""
     precision = "bf16" if bf16 else "fp32"
+    arm = COST_PROXY.get(arm, arm)
     for r in speed["results"]:
         if r.get("arm") == arm and r["precision"] == precision:
             return r["seconds_per_iteration"]
     raise SystemExit(f"the speed record has no {precision} figure for arm {arm!r}: run bench/dgnet_speed.py --arms")
+
+
+COST_PROXY: dict[str, str] = {}
 
 
 def snapshot_quality(checkpoint: Path, judge: str, n: int, device: str) -> dict:
@@ -67,9 +72,11 @@ def snapshot_quality(checkpoint: Path, judge: str, n: int, device: str) -> dict:
     return {k: report[k] for k in FINAL_KEYS}
 
 
-def collect_arm(run: Path, arm: str, speed: dict, judge: str, n: int, device: str) -> dict:
+def collect_arm(run: Path, arm: str, speed: dict, judge: str, n: int, device: str,
+                steps: dict[int, int] | None = None) -> dict:
     """One arm: its settings, cost, the cheap curve against CPU-minutes and `reidgen quality` of its
-    kept snapshots (FID needs Inception, so only there)."""
+    last kept snapshot at n images, or of the snapshots in ``steps`` {step: n} (FID needs Inception:
+    minutes per snapshot on a CPU)."""
     from reidgen.core.checkpoint import load_checkpoint
     from trainer.runlog import read_jsonl
 
@@ -81,11 +88,16 @@ def collect_arm(run: Path, arm: str, speed: dict, judge: str, n: int, device: st
              for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "quality"]
     kept = sorted((run / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     snapshots = []
-    for path in kept[1:]:  # the untrained state is the same measurement for every arm of one D kind
-        figures = snapshot_quality(path, judge, n, device)
-        snapshots.append({**figures, "cpu_minutes": round(figures["step"] * spi / 60, 2)})
+    step_of = {int(p.stem.split("_")[1]): p for p in kept}
+    missing = sorted(set(steps or ()) - set(step_of))
+    if missing:
+        raise SystemExit(f"{run} keeps no snapshot at step(s) {missing}; it has {sorted(step_of)}")
+    for path, size in [(step_of[s], k) for s, k in steps.items()] if steps else [(kept[-1], n)]:
+        figures = snapshot_quality(path, judge, size, device)
+        snapshots.append({**figures, "n": size, "cpu_minutes": round(figures["step"] * spi / 60, 2)})
         print(arm, json.dumps(snapshots[-1]), flush=True)
     return {"settings": ARMS.get(arm, {}), "run": str(run), "iterations": final["step"],
+            "cost_measured_as": COST_PROXY.get(arm, arm),
             "seconds_per_iteration": spi, "cpu_minutes": round(final["step"] * spi / 60, 2),
             "curve": curve, "snapshots": snapshots, "final": snapshots[-1] if snapshots else None}
 
@@ -124,15 +136,22 @@ def main() -> int:
     ap.add_argument("--arms", required=True, help="folder with one run folder per arm, named as in ARMS")
     ap.add_argument("--speed", required=True, help="the dgnet_speed.py --arms JSON (seconds per iteration per arm)")
     ap.add_argument("--judge", required=True, help="the independent re-id model (train-reid, another seed)")
-    ap.add_argument("--n", type=int, default=500, help="images per `reidgen quality` measurement")
+    ap.add_argument("--n", type=int, default=500, help="images per `reidgen quality` measurement of an arm")
+    ap.add_argument("--long-n", type=int, default=500, help="the same for the long run")
+    ap.add_argument("--cost-proxy", nargs="*", default=[], metavar="ARM=MEASURED",
+                    help="an arm missing from the speed record takes this measured arm's seconds per iteration")
     ap.add_argument("--long", help="the long run of the winning preset (RUN, trained with --keep-checkpoints)")
-    ap.add_argument("--long-arm", default="fast", help="the arm whose settings and speed the long run has")
+    ap.add_argument("--long-arm", default="perc_idf", help="the arm whose settings and speed the long run has")
     ap.add_argument("--control", help="re-id control for the long run (bench/dgnet_cpu_run.py --control)")
+    ap.add_argument("--long-steps", nargs="*", metavar="STEP[:N]",
+                    help="the long run's snapshots to measure with reidgen quality (default: its last at --long-n), "
+                         "e.g. 300:250 where it has spent an arm's CPU-minutes, at the arms' n, and its end")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--commands", nargs="*", default=[], help="the commands that trained the runs (recorded)")
     args = ap.parse_args()
 
     speed = json.loads(Path(args.speed).read_text())
+    COST_PROXY.update(pair.split("=", 1) for pair in args.cost_proxy)
     arms = {}
     for name in ARMS:
         run = Path(args.arms) / name
@@ -140,13 +159,15 @@ def main() -> int:
             arms[name] = collect_arm(run, name, speed, args.judge, args.n, args.device)
     if not arms:
         raise SystemExit(f"no arm runs under {args.arms} (expected folders named {', '.join(ARMS)})")
-    payload = {"device": args.device, "judge": args.judge, "quality_n": args.n, "arms": arms,
+    payload = {"device": args.device, "judge": args.judge, "quality_n": args.n, "long_quality_n": args.long_n,
+               "cost_proxy": COST_PROXY, "arms": arms,
                "commands": args.commands}
     if args.long:
         from bench.dgnet_cpu_run import reid_report
         from reidgen.core.checkpoint import load_checkpoint
 
-        long_run = collect_arm(Path(args.long), args.long_arm, speed, args.judge, args.n, args.device)
+        steps = {int(a): int(b or args.long_n) for a, _, b in (s.partition(":") for s in args.long_steps or ())}
+        long_run = collect_arm(Path(args.long), args.long_arm, speed, args.judge, args.long_n, args.device, steps)
         config = load_checkpoint(args.long, "dgnet")["train_config"]
         reid = {}
         compared = [("teacher", config["teacher"]), ("dgnet", args.long)] + ([("control", args.control)]

@@ -55,7 +55,8 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     measured = times[warmup:]
     rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"preset": preset, "precision": precision, "arm": arm or None, "iterations_per_second": rate,
+    print(json.dumps({"preset": preset, "precision": precision, "arm": arm or None,
+                      "settings": ARMS[arm] if arm else {}, "iterations_per_second": rate,
                       "seconds_per_iteration": 1 / rate,
                       "peak_rss_mb": peak_mb, "wall_seconds": wall, "batch_per_loader": cfg.batch_size,
                       "image_size": list(cfg.model.image_size), "backbone": cfg.model.backbone,

@@ -38,6 +38,7 @@ def test_demo_runs_every_stage_and_writes_a_self_contained_report(demo_run):
     # The generation-quality table (reidgen quality's figures) and the curve logged during training.
     quality = json.loads((out / "quality.json").read_text())
     assert "identity_consistency" in html and f"{quality['fid']:.4f}" in html
+    assert f"{quality['identity_consistency_judge']:.4f}" in html and quality["judge"].startswith(str(out / "judge"))
     assert "cheap quality figures during training" in html
     assert set(demo_checkpoints(out)) == {"teacher", "dgnet", "real_plus_synthetic"}
     assert "32 records (planned 32)" in html  # the shard job's verify summary

@@ -17,7 +17,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ReidgenError(f"{exc}. The demo needs a Market-style data set: pass --data DIR "
                            "(make demo DATA=DIR), or set REIDGEN_DATA to the folder holding market1501_mini") from None
     run_demo(DemoConfig(data=str(data), out=args.out, epochs=args.epochs, dgnet_iterations=args.dgnet_iterations,
-                        records=args.records, device=args.device, dgnet=args.dgnet or ""))
+                        dgnet_preset=args.dgnet_preset, records=args.records, device=args.device,
+                        dgnet=args.dgnet or ""))
     return 0
 
 
@@ -32,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=4, help="epochs of the two re-id models (default 4)")
     p.add_argument("--dgnet-iterations", type=int, default=200, help="DG-Net iterations (default 200)")
+    p.add_argument("--dgnet-preset", default="fast", choices=["fast", "small"],
+                   help="DG-Net preset (default fast: the levers that converge fast on a CPU; small: without them)")
     p.add_argument("--dgnet", metavar="RUN",
                    help="reuse a longer DG-Net run (and its teacher) trained on --data instead of training one")
     p.add_argument("--records", type=int, default=512, help="synthetic images in the shard job (default 512)")
