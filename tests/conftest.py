@@ -54,6 +54,21 @@ def cuhk_mini() -> Path:
     return _dataset("cuhk03_mini")
 
 
+@pytest.fixture(scope="module")
+def data6(market_mini, tmp_path_factory):
+    """Six identities of market1501_mini, linked in place: DG-Net trainer tests."""
+    return link_subset(market_mini, tmp_path_factory.mktemp("m6"), ids=6)
+
+
+@pytest.fixture(scope="module")
+def teacher6(data6, tmp_path_factory):
+    """A one-epoch tiny re-id model on ``data6``: the DG-Net teacher of those tests."""
+    from trainer.tasks.reid import preset_config, train_reid
+
+    cfg = preset_config("tiny", data=str(data6), epochs=1, workers=0, evaluate=False)
+    return train_reid(cfg, tmp_path_factory.mktemp("teacher6"), progress=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
     """A real DG-Net checkpoint and its teacher from a few iterations on 4 identities of

@@ -9,7 +9,7 @@ import torch
 
 from generator_service.models.projected_d import ProjectedDiscriminator
 from reidgen.core.errors import ReidgenError
-from reidgen.core.market import LabelMap, link_subset, scan_split
+from reidgen.core.market import LabelMap, scan_split
 from trainer.augment import DiffAugment, cutout, translation
 from trainer.evaluation.quality import cheap_quality
 from trainer.tasks.dgnet import DGNET_TRAIN_PRESETS, DGNetTrainer, dgnet_preset_config
@@ -17,17 +17,6 @@ from trainer.tasks.dgnet_levers import PerceptualLoss, identity_loss
 from trainer.tasks.reid import preset_config, train_reid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def data6(market_mini, tmp_path_factory):
-    return link_subset(market_mini, tmp_path_factory.mktemp("m6"), ids=6)
-
-
-@pytest.fixture(scope="module")
-def teacher6(data6, tmp_path_factory):
-    cfg = preset_config("tiny", data=str(data6), epochs=1, workers=0, evaluate=False)
-    return train_reid(cfg, tmp_path_factory.mktemp("teacher6"), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,23 +9,11 @@ import pytest
 import torch
 
 from generator_service.models.dgnet_nets import LayerNorm2d
-from reidgen.core.market import link_subset
 from reidgen.core.paths import data_root
 from trainer.tasks.dgnet import DGNetTrainer, dgnet_preset_config, frozen_copy
 from trainer.tasks.reid import preset_config, train_reid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def data6(market_mini, tmp_path_factory):
-    return link_subset(market_mini, tmp_path_factory.mktemp("m6"), ids=6)
-
-
-@pytest.fixture(scope="module")
-def teacher6(data6, tmp_path_factory):
-    cfg = preset_config("tiny", data=str(data6), epochs=1, workers=0, evaluate=False)
-    return train_reid(cfg, tmp_path_factory.mktemp("teacher6"), progress=False)
 
 
 def make_trainer(data, teacher, out, preset="small", **kw) -> DGNetTrainer:

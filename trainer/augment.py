@@ -86,9 +86,6 @@ class DiffAugment:
     def __init__(self, policy: str = "color,translation,cutout"):
         self.names = parse_policy(policy)
 
-    def __bool__(self) -> bool:
-        return bool(self.names)
-
     def __call__(self, images: Tensor) -> Tensor:
         if not self.names:
             return images
