@@ -135,3 +135,26 @@ def test_a_folder_walk_refuses_symlinks_at_every_component(tmp_path):
         (root / "a" / "b").symlink_to(outside)
         Path(b.path, "through-fd").write_text("here")
     assert (root / "a" / "moved" / "through-fd").is_file() and list(outside.iterdir()) == []
+
+
+def test_a_folder_renamed_away_between_make_and_open_is_made_again(tmp_path, monkeypatch):
+    """The gap the swap test hit as a crash: ``mkdir`` finds the name taken, and before the open the
+    name is renamed away. The folder is made again; renamed away every time, it is refused."""
+    from reidgen.core import confined
+    from reidgen.core.confined import Folder, NotConfined
+
+    real_mkdir, taken = os.mkdir, {"times": 1}
+
+    def mkdir_of_a_name_taken_then_gone(name, mode=0o777, *, dir_fd=None):
+        if taken["times"] > 0:  # someone else's folder stood there, then was renamed away
+            taken["times"] -= 1
+            raise FileExistsError(name)
+        return real_mkdir(name, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(confined.os, "mkdir", mkdir_of_a_name_taken_then_gone)
+    with Folder.below(tmp_path, ("job",), create=True) as job:
+        job.write_new("x", b"1")
+    assert (tmp_path / "job" / "x").read_bytes() == b"1"
+    taken["times"] = 10**6
+    with pytest.raises(NotConfined, match="renamed away"):
+        Folder.below(tmp_path, ("other",), create=True)

@@ -194,7 +194,8 @@ def read_shard_manifest(folder: Folder, index: int) -> ShardManifest:
 _UNUSABLE_OUT = {errno.EEXIST: "it exists and is not a folder",
                  errno.ENOTDIR: "a part of it is a file, not a folder",
                  errno.EISDIR: f"its {JOB_FILE} is a folder",
-                 errno.ELOOP: "a part of it is a symbolic link, which this server does not follow"}
+                 errno.ELOOP: "a part of it is a symbolic link, which this server does not follow",
+                 errno.EAGAIN: "it was renamed away again and again while it was being opened"}
 _UNUSABLE_ERRNOS = set(_UNUSABLE_OUT) | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENAMETOOLONG}
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NOFOLLOW_DIR = _DIR | os.O_NOFOLLOW
+_CREATE_TRIES = 8  # a folder renamed away this many times in a row is a folder being fought over
 
 
 class NotConfined(OSError):
@@ -79,18 +80,25 @@ class Folder:
     def sub(self, name: str, create: bool = False, mode: int = 0o777) -> Folder:
         """The folder ``name`` in this one (made when missing and ``create``), never through a symlink."""
         name = self._one(name)
-        if create:
+        # With ``create``, the name may vanish between mkdir (it existed) and open (it is gone):
+        # someone renamed it away. Make it again, a few times, rather than fail the caller.
+        for _attempt in range(_CREATE_TRIES if create else 1):
+            if create:
+                try:
+                    os.mkdir(name, mode, dir_fd=self.fd)
+                except FileExistsError:
+                    pass
             try:
-                os.mkdir(name, mode, dir_fd=self.fd)
-            except FileExistsError:
-                pass
-        try:
-            return Folder(os.open(name, _NOFOLLOW_DIR, dir_fd=self.fd))
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                kind = "a symbolic link" if self.is_link(name) else "not a folder"
-                raise NotConfined(exc.errno, f"{name!r} is {kind}") from None
-            raise
+                return Folder(os.open(name, _NOFOLLOW_DIR, dir_fd=self.fd))
+            except FileNotFoundError:
+                if not create:
+                    raise
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    kind = "a symbolic link" if self.is_link(name) else "not a folder"
+                    raise NotConfined(exc.errno, f"{name!r} is {kind}") from None
+                raise
+        raise NotConfined(errno.EAGAIN, f"{name!r} was renamed away each time it was made")
 
     def kind(self, name: str) -> str | None:
         """'file', 'folder', 'link', 'other', or None when there is nothing of that name."""
