@@ -62,12 +62,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "numpy arrays) and is refused. This command unpickles OLD fully - which runs "
                                    "whatever code the file contains - converts what it holds (numpy arrays to "
                                    "tensors, numpy scalars to numbers, ...), checks that the result loads with "
-                                   "weights_only=True and writes it to NEW. Use it only on checkpoints you made "
-                                   "yourself; --trust says you did.")
+                                   "weights_only=True and writes it to NEW. Only a file that is, by its opcodes, a "
+                                   "checkpoint of an older reidgen is unpickled; still, --trust runs any code in "
+                                   "the file: use it only on checkpoints you made yourself.")
     p.add_argument("old", metavar="OLD", help="the old checkpoint file, or a run folder (uses checkpoints/last.pt)")
     p.add_argument("new", metavar="NEW", help="where to write the converted checkpoint (a new file)")
     p.add_argument("--trust", action="store_true",
-                   help="confirm that OLD is your own file: converting it runs any code it contains")
+                   help="unpickle OLD fully: this runs any code in the file, with your permissions. Give it only "
+                        "for a checkpoint you made yourself with an older reidgen, never for a file from someone "
+                        "else")
     p.set_defaults(func=cmd_convert_checkpoint)
 
     p = sub.add_parser("import-dgnet", help="a public DG-Net model (gen_*.pt, id_*.pt) as a reidgen checkpoint",

@@ -27,15 +27,14 @@ import hashlib
 import io
 import os
 import pickle
-import pickletools
 import warnings
-import zipfile
 from pathlib import Path, PurePath
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from reidgen.core.checkpoint_peek import older_reidgen_layout, peek_pickle, torch_pickle
 from reidgen.core.errors import ReidgenError
 
 FORMAT, VERSION = "reidgen", 1
@@ -234,17 +233,19 @@ def read_plain(path: Path, what: str = "checkpoint") -> Any:
     """``torch.load(weights_only=True)``: tensors and plain data only, so reading a file runs no code.
 
     A file that needs more is refused unread, in one line that says why and, for what looks like
-    an old reidgen checkpoint, how to convert it. ``what`` names the file in the message."""
+    a checkpoint of an older reidgen (judged from its opcodes), how to convert it. ``what`` names the
+    file in the message."""
     try:
         with warnings.catch_warnings():  # torch's note on a plain pickle's protocol: the refusal says enough
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's refusal, or no pickle at all: the opcodes tell which
-        names, strings = _scan_pickles(path)
+        names = _scan_pickles(path)
         foreign = [n for n in dict.fromkeys(names) if n.rpartition(".")[0] not in _PLAIN_GLOBAL_MODULES]
         if foreign:
-            ours = {FORMAT, "format", "kind"} <= strings
-            raise ReidgenError(_refusal(what, path, foreign, ours)) from None
+            # The hint to convert is advice to unpickle the file fully: given only for a file an
+            # older reidgen wrote (judged from its opcodes), never for one that just looks like it.
+            raise ReidgenError(_refusal(what, path, foreign, older_reidgen_layout(path))) from None
         raise ReidgenError(f"{what} {path} cannot be read ({_reason(exc)})") from None
     except Exception as exc:  # a truncated or foreign file: not a checkpoint we can read
         raise ReidgenError(f"{what} {path} cannot be read ({_reason(exc)})") from None
@@ -269,48 +270,20 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _scan_pickles(path: Path) -> tuple[list[str], set[str]]:
-    """The ``module.name`` globals a file's pickles refer to and the strings they hold, read with
-    `pickletools.genops`, which parses opcodes and executes nothing. Empty for a file that is no pickle."""
+def _scan_pickles(path: Path) -> list[str]:
+    """The ``module.name`` globals a file's pickles refer to, read from their opcodes (nothing is
+    executed: `reidgen.core.checkpoint_peek`). Empty for a file that is no pickle."""
+    data = torch_pickle(path)
+    if data is not None:  # torch's format: the objects are NAME/data.pkl, tensors are files beside it
+        return list(peek_pickle(io.BytesIO(data)).globals)
     names: list[str] = []
-    strings: set[str] = set()
-    try:
-        if zipfile.is_zipfile(path):  # torch's format: the objects are */data.pkl, tensors are files beside it
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.namelist():
-                    if member.endswith("data.pkl"):
-                        _scan_pickle(io.BytesIO(archive.read(member)), names, strings)
-        else:  # torch's legacy format (magic number, protocol, system info, objects) or a plain pickle
-            with open(path, "rb") as f:
-                for _ in range(4):
-                    _scan_pickle(f, names, strings)
-    except Exception:  # noqa: BLE001 - the rest is not a pickle: keep what was found before it
+    try:  # torch's legacy format (magic number, protocol, system info, objects) or a plain pickle
+        with open(path, "rb") as f:
+            for _ in range(4):
+                names += peek_pickle(f).globals
+    except OSError:
         pass
-    return names, strings
-
-
-def _scan_pickle(stream: IO[bytes], names: list[str], strings: set[str]) -> None:
-    """One pickle, up to its STOP. Protocol 4 names a global by the two strings pushed before
-    STACK_GLOBAL (often fetched from the memo), so pushed strings and memo entries are followed."""
-    pushed: list[Any] = []
-    memo: dict[int, Any] = {}
-    for op, arg, _ in pickletools.genops(stream):
-        if op.name in ("GLOBAL", "INST"):
-            names.append(".".join(arg.split(" ", 1)))
-        elif op.name == "STACK_GLOBAL":
-            module, name = pushed[-2:] if len(pushed) >= 2 else (None, None)
-            names.append(f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else "?")
-        if isinstance(arg, str) and op.name.endswith(("UNICODE", "UNICODE8", "STRING")):
-            strings.add(arg)
-            pushed.append(arg)
-        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-            pushed.append(memo.get(arg))
-        elif op.name == "MEMOIZE":
-            memo[len(memo)] = pushed[-1] if pushed else None
-        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[arg] = pushed[-1] if pushed else None
-        elif op.stack_after:
-            pushed.append(None)
+    return names
 
 
 def convert_checkpoint(old: str | Path, new: str | Path, *, trust: bool) -> list[str]:
@@ -328,6 +301,12 @@ def convert_checkpoint(old: str | Path, new: str | Path, *, trust: bool) -> list
     if new.resolve() == old.resolve():
         raise ReidgenError(f"write the converted checkpoint to a new file, not over {old} (keep the old one until "
                            "the new one works)")
+    if not older_reidgen_layout(old):
+        # Judged from the opcodes, before anything runs: a file that names other globals would run
+        # them when unpickled, and could not be converted to plain data afterwards anyway.
+        raise ReidgenError(f"{old} is not a checkpoint of an older reidgen (torch's archive of a dict opening with "
+                           "reidgen's format, version and kind, holding only tensors, numpy values, paths, sets and "
+                           "reidgen's configurations); it is not unpickled, even with --trust")
     try:
         ckpt = torch.load(old, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - whatever the unpickler raises, the file is not usable
