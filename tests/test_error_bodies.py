@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from reidgen.core.checkpoint import save_checkpoint
 from tests import error_bodies
 
 
 @pytest.fixture
 def place(tmp_path) -> Path:
-    """A shards and models root with every kind of unusable ``out`` of the probe, and a data root."""
+    """A shards and models root with every kind of unusable ``out`` of the probe and a DG-Net
+    checkpoint (its header only: no worker runs), and a data root."""
     root = tmp_path / "root"
-    root.mkdir()
+    save_checkpoint(root / "dgnet.pt", "dgnet", {})
     (root / "afile").write_text("not a folder")
     (root / "junk").mkdir()
     (root / "junk" / "job.json").write_text("{not json")
@@ -48,7 +50,7 @@ def http(broker, place, market_mini):
 
 
 def spec(**fields) -> dict:
-    base = {"kind": "dgnet_random_structures", "checkpoint": "nope", "data": "market1501_mini", "subset": 4,
+    base = {"kind": "dgnet_random_structures", "checkpoint": "dgnet", "data": "market1501_mini", "subset": 4,
             "structures_per_image": 1, "shard_size": 64}
     return {**base, **fields}
 

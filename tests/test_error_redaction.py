@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from api_schemas.service import ErrorBody
+from reidgen.core.checkpoint import save_checkpoint
 from reidgen.core.paths import data_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +60,10 @@ def http(broker, store, place):
 
 @pytest.fixture
 def place(tmp_path, monkeypatch, market_mini) -> Path:
-    """The cwd of the test (the client names files relative to it) holding a junk 'checkpoint'."""
+    """The cwd of the test (the client names files relative to it) holding a junk 'checkpoint' and a
+    DG-Net checkpoint's header (no weights: it passes the check at submission, not a worker's load)."""
     (tmp_path / "junk.pt").write_bytes(FILE_BYTES)
+    save_checkpoint(tmp_path / "model.pt", "dgnet", {})
     monkeypatch.chdir(tmp_path)
     # The roots of the worker (the task runs in this process): its models and shards are here too.
     monkeypatch.setenv("REIDGEN_MODELS_ROOT", str(tmp_path))
@@ -69,7 +72,7 @@ def place(tmp_path, monkeypatch, market_mini) -> Path:
 
 
 def spec(**changes) -> dict:
-    return {"kind": "dgnet_random_structures", "checkpoint": "junk.pt", "data": "market1501_mini", "subset": 4,
+    return {"kind": "dgnet_random_structures", "checkpoint": "model.pt", "data": "market1501_mini", "subset": 4,
             "structures_per_image": 1, "shard_size": 64, **changes}
 
 
@@ -99,10 +102,26 @@ def run_shard_here(broker, monkeypatch, job_id: str, index: int = 0) -> dict:
     return tasks.generate_shard_task(job_id, record["spec"], record["out"], index)
 
 
-def test_a_job_with_a_junk_checkpoint_fails_without_internals(http, broker, place, monkeypatch, caplog):
+def test_a_job_with_a_junk_checkpoint_is_refused_without_internals(http, place):
+    """At submission: a junk file and a missing one get the same 400, so a client cannot probe the
+    server's files."""
+    junk = http.post("/v1/jobs", json={"spec": spec(checkpoint="junk.pt"), "out": "shards"})
+    missing = http.post("/v1/jobs", json={"spec": spec(checkpoint="missing.pt"), "out": "shards"})
+    assert_no_internals(junk.text, place)
+    junk, missing = error_body(junk, 400).error, error_body(missing, 400).error
+    assert junk.code == missing.code == "bad_checkpoint"
+    assert junk.message.startswith("spec.checkpoint: no reidgen DG-Net checkpoint named 'junk.pt'")
+    assert missing.message == junk.message.replace("junk.pt", "missing.pt")
+    assert not (place / "shards").exists()
+
+
+def test_a_checkpoint_that_turned_junk_fails_its_job_without_internals(http, broker, place, monkeypatch, caplog):
+    """On the worker: a checkpoint the submission took, junk (or gone) by the time a worker loads it."""
     submitted = http.post("/v1/jobs", json={"spec": spec(), "out": "shards"})
     assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["id"]
+    gone = http.post("/v1/jobs", json={"spec": spec(seed=1), "out": "other"}).json()
+    (place / "model.pt").write_bytes(FILE_BYTES)
     with caplog.at_level(logging.INFO, logger="reidgen.worker"):
         assert run_shard_here(broker, monkeypatch, job_id)["status"] == "failed"
 
@@ -111,16 +130,16 @@ def test_a_job_with_a_junk_checkpoint_fails_without_internals(http, broker, plac
     assert_no_internals(status.text, place)
     [detail] = status.json()["error_details"]
     assert detail["code"] == "bad_checkpoint" and detail["shard"] == 0
-    assert detail["message"].startswith("checkpoint: no readable reidgen dgnet checkpoint named 'junk.pt'")
+    assert detail["message"].startswith("checkpoint: no readable reidgen dgnet checkpoint named 'model.pt'")
     assert status.json()["errors"] == [f"shard 0: bad_checkpoint: {detail['message']}"]
-    # The same answer for a checkpoint that does not exist: a client cannot probe the server's files.
-    missing = http.post("/v1/jobs", json={"spec": spec(checkpoint="missing.pt", seed=1), "out": "other"}).json()
-    run_shard_here(broker, monkeypatch, missing["id"])
-    [other] = http.get(f"/v1/jobs/{missing['id']}").json()["error_details"]
-    assert other["message"] == detail["message"].replace("junk.pt", "missing.pt")
+    # The same answer for a checkpoint that no longer exists: a client cannot probe the server's files.
+    (place / "model.pt").unlink()
+    run_shard_here(broker, monkeypatch, gone["id"])
+    [other] = http.get(f"/v1/jobs/{gone['id']}").json()["error_details"]
+    assert other["message"] == detail["message"]
 
     logged = [r for r in caplog.records if job_id in r.getMessage()]
-    assert any("junk.pt cannot be read" in r.getMessage() for r in logged), [r.getMessage() for r in caplog.records]
+    assert any("model.pt cannot be read" in r.getMessage() for r in logged), [r.getMessage() for r in caplog.records]
 
 
 def test_a_job_failing_on_a_bug_shows_no_traceback(http, broker, place, monkeypatch, caplog):

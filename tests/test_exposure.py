@@ -33,6 +33,7 @@ from generator_service.http import Settings, create_app
 from generator_service.http.serve import uvicorn_config
 from generator_service.inference.engine import Engine, QueueFull
 from generator_service.inference.kinds import SwapItem
+from reidgen.core.checkpoint import save_checkpoint
 from reidgen.core.market import link_subset
 from reidgen.core.paths import data_root
 
@@ -91,7 +92,9 @@ def place(tmp_path_factory, market_mini) -> dict[str, Path]:
         folder.mkdir()
     (outside / "secret.pt").write_bytes(b"SECRET-BYTES")
     link_subset(market_mini, outside / "market", ids=2)
-    (models / "dgnet.pt").write_bytes(b"a checkpoint the workers would load")
+    # Checkpoint headers (no weights: no worker loads them here), enough for the submission's check.
+    save_checkpoint(models / "dgnet.pt", "dgnet", {})
+    save_checkpoint(models / "teacher.pt", "reid", {})
     (models / "escape.pt").symlink_to(outside / "secret.pt")
     link_subset(market_mini, data / "mini", ids=4)  # a real folder of the data root (images link out: fine)
     (data / "escape").symlink_to(outside / "market")
@@ -172,7 +175,7 @@ def test_names_inside_the_roots_are_accepted(jobs_server, place):
     """The control: model names with or without .pt, a data set name, an out folder name or an
     absolute path inside the shards root; job.json lands inside the shards root."""
     for out, spec in (("plain", {}), (str(place["shards"] / "absolute"), {"checkpoint": "dgnet.pt", "seed": 1}),
-                      ("nested/deeper", {"teacher": "dgnet", "seed": 2})):
+                      ("nested/deeper", {"teacher": "teacher", "seed": 2})):
         r = httpx.post(f"{jobs_server.url}/v1/jobs", json={**job_body(**spec), "out": out})
         assert r.status_code == 202, r.text
         assert r.json()["out"] == out

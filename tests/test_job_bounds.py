@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from api_schemas.jobs import JobSpec
+from reidgen.core.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,7 +28,7 @@ def http(broker, tmp_path, market_mini):
 
     stand_in = ServedModel(name="stand-in", kind="dgnet", checkpoint="stand-in.pt", identity="0", step=None,
                            preset=None, image_size=(128, 64), net=None)
-    (tmp_path / "dgnet.pt").write_bytes(b"a model file")
+    save_checkpoint(tmp_path / "dgnet.pt", "dgnet", {})  # its header only: no worker loads it here
     settings = Settings(models_root=tmp_path, data_root=market_mini.parent, shards_root=tmp_path)
     app = create_app(Engine([stand_in], "cpu"), settings,
                      jobs=CeleryJobs(JobStore(broker["client"], broker["prefix"]), make_app()))

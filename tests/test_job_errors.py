@@ -8,9 +8,10 @@ database 13 with a key prefix and queue of its own) and the in-process `reidgen 
 - odd job ids on ``GET /v1/jobs/{id}``.
 
 Each answer has the app's error shape (`ErrorBody`), and nothing is written: no file or folder
-(the cwd included, where a relative path would land), no job record, no queued task. The
-checkpoint named by the spec does not exist: these requests must fail before any worker would
-load it. No worker runs, so the service here needs no real model either.
+(the cwd included, where a relative path would land), no job record, no queued task. No worker
+runs: the spec's checkpoint is a checkpoint's header only (no weights), enough for the server's
+check at submission (a name that is no DG-Net checkpoint is its own 400), so the answers here
+come from ``out``; the service needs no real model either.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pytest
 
 from api_schemas.service import ErrorBody
 from reidgen.cli import main
+from reidgen.core.checkpoint import save_checkpoint
 
 JUNK = "{not json, SECRET-BYTES"  # must never reach the client
 
@@ -46,13 +48,15 @@ def http(broker, place, market_mini):
 
 @pytest.fixture
 def spec(market_mini) -> dict:
-    return {"kind": "dgnet_random_structures", "checkpoint": "no-such-checkpoint.pt", "data": str(market_mini),
+    return {"kind": "dgnet_random_structures", "checkpoint": "dgnet.pt", "data": str(market_mini),
             "subset": 4, "structures_per_image": 1, "shard_size": 64}
 
 
 @pytest.fixture
 def place(tmp_path, monkeypatch) -> Path:
-    """A folder holding every bad ``out`` of a test, and the cwd (relative paths land there)."""
+    """A folder holding every bad ``out`` of a test and the spec's checkpoint (a header only), and
+    the cwd (relative paths land there)."""
+    save_checkpoint(tmp_path / "dgnet.pt", "dgnet", {})
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "junk-manifest").mkdir()
     (tmp_path / "junk-manifest" / "job.json").write_text(JUNK)

@@ -59,6 +59,7 @@ from reidgen.core.errors import GENERIC_MESSAGE, ReidgenError, public_error
 from worker.celery_app import key_prefix, redis_retry_s, redis_url, redo_queue_name, shard_time_limits
 from worker.plans import locate, make_plan
 from worker.shards import ensure_job_manifest
+from worker.submission import check_models
 
 log = logging.getLogger("reidgen.worker")
 JOB_TTL_S = 30 * 24 * 3600
@@ -478,13 +479,16 @@ def submit_job(request: JobRequest, store: JobStore | None = None, app=None, set
     the next); returns the job id.
 
     ``settings`` (`generator_service.http.Settings`): a server's roots, which the job's names must
-    stay under, and its bounds on jobs. None: `reidgen generate --submit`, run in the user's own
-    shell: paths as given, no bounds (the workers still confine the paths to their roots)."""
+    stay under (its models checkpoints of the kinds the job needs), and its bounds on jobs. None:
+    `reidgen generate --submit`, run in the user's own shell: paths as given, no bounds (the
+    workers still confine the paths to their roots)."""
     from worker.celery_app import app as default_app
 
     app = app or default_app
     store = store or JobStore()
     located = locate(request.spec, request.out, settings)
+    if settings is not None and settings.confined:  # names the workers would refuse: refused now
+        check_models(request.spec, located, settings.models_root)
     plan = make_plan(request.spec, located.data, located.target)
     if settings is not None:
         check_limits(request, plan.records, plan.shards, settings)

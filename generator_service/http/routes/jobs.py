@@ -43,8 +43,9 @@ def add_job_routes(app: FastAPI, jobs: JobsBackend, service: Service) -> None:
               responses=error_docs(400, 401, 408, 413, 415, 422, 429, 500), openapi_extra=request_body(JobRequest))
     async def submit_job(request: Request) -> JSONResponse:
         """Submit a batch generation job (one Celery task per shard); its progress is at GET /v1/jobs/{id}.
-        ``checkpoint`` and ``teacher`` name models under the server's models root, ``data`` and
-        ``target`` data sets under its data root, ``out`` a folder under its shards root."""
+        ``checkpoint`` and ``teacher`` name models under the server's models root (checked here to
+        be checkpoints of the kinds the job needs), ``data`` and ``target`` data sets under its data
+        root, ``out`` a folder under its shards root, not inside another job's folder."""
         require_json(media_type(request), "/v1/jobs")
         full = getattr(jobs, "full", None)
         if full is not None and await run_in_threadpool(full, service.settings):  # 429 before the body is read
