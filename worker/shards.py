@@ -155,13 +155,33 @@ class OutPlace:
                 self.root.mkdir(parents=True, exist_ok=True)
             return Folder.root(self.root)
         try:
-            return Folder.below(self.root, self.parts, create)
+            return self._walk(create)
         except NotConfined as exc:
             with Folder.below(self.root, self.parts[:-1]) as parent:
                 last_is_file = exc.errno == errno.ENOTDIR and parent.kind(self.parts[-1]) == "file"
             if last_is_file:
                 raise FileExistsError(errno.EEXIST, "exists and is not a folder") from None
             raise
+
+    def _walk(self, create: bool) -> Folder:
+        """`Folder.below`, refusing to enter a folder below the root that holds a ``job.json``: an
+        ``out`` inside another job's folder (``ok1/shard-00000``) would mix its files with that
+        job's. Each check is made through the descriptor of the folder it is about, the one the
+        next part is then opened (or made) in: no name is looked up twice."""
+        folder = Folder.root(self.root)
+        try:
+            for depth, part in enumerate(self.parts):
+                if depth and folder.kind(JOB_FILE) is not None:
+                    job = "/".join(self.parts[:depth])
+                    raise _bad_out(self.shown, f"it lies inside the folder of another job ({job!r} holds a "
+                                               f"{JOB_FILE})")
+                inner = folder.sub(part, create)
+                folder.close()
+                folder = inner
+        except BaseException:
+            folder.close()
+            raise
+        return folder
 
 
 def _folder_of(out: str | Path | OutPlace | Folder) -> tuple[Folder, bool]:
