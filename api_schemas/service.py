@@ -222,8 +222,18 @@ class LimitsInfo(BaseModel):
     auth: bool = Field(description="whether an API key is required")
 
 
+class RefusedModelInfo(BaseModel):
+    """A checkpoint of the models directory that failed to load when the server started: not
+    served (a request naming it gets 503 not_ready) until the file is fixed and the server restarted."""
+
+    name: str
+    checkpoint: str = Field(description="the checkpoint file, relative to the models directory")
+    reason: str = Field(description="why it was refused, in one line (the server log has the details)")
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    refused: list[RefusedModelInfo] = Field(default_factory=list, description="checkpoints that failed to load")
     presets: dict[str, list[str]] = Field(description="network presets known to this server, per model kind")
     engine: EngineInfo
     limits: LimitsInfo
@@ -238,6 +248,9 @@ class ReadyResponse(BaseModel):
     status: Literal["ready", "loading", "failed"]
     models: int = Field(ge=0, description="models loaded")
     detail: str | None = Field(None, description="why not ready")
+    refused: list[str] = Field(default_factory=list, description="models not ready because their checkpoint was "
+                                                                "refused at start (the others are served; reasons "
+                                                                "in /v1/models)")
 
 
 class ErrorDetail(BaseModel):
@@ -245,7 +258,7 @@ class ErrorDetail(BaseModel):
                                   "too_many_images, image_too_large, body_too_large, unsupported_media_type, "
                                   "invalid_request, unknown_model, unauthorized, queue_full, deadline_exceeded, "
                                   "not_ready, out_of_memory, internal_error; jobs: unknown_job, unknown_data, "
-                                  "bad_request",
+                                  "bad_checkpoint, bad_teacher, path_not_allowed, bad_request",
                       examples=["unreadable_image"])
     message: str = Field(description="what was wrong and what is expected, written for the client: it names "
                                      "the field but never a server path, a traceback or bytes of a file",

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 
 from api_schemas.service import MODEL_NAME_PATTERN
 from generator_service.inference.kinds import KINDS, OP_KIND, EmbedItem, InterpolateItem, RenderItem, SwapItem
+from generator_service.inference.refusals import RefusedModel, refusal_reason
 from generator_service.models.masks import GeometricMasks, MaskProvider
 from reidgen.core.checkpoint import CHECKPOINTS_DIR, LAST, Checkpoint, run_checkpoint, run_folder
 from reidgen.core.device import autocast, pick_device
@@ -82,6 +83,12 @@ class OutOfMemory(EngineError):
 
 class NotReady(EngineError):
     code = "not_ready"
+
+
+class ModelRefused(NotReady):
+    """A request names a model whose checkpoint failed to load: not ready until a restart."""
+
+    retry_after = 300  # an operator has to fix the file: not worth retrying within seconds
 
 
 # -- the model registry ------------------------------------------------------------------------
@@ -159,6 +166,19 @@ def load_model(name: str, source: Path | Checkpoint, root: Path, device: torch.d
                        net=loaded.net, masks=loaded.masks, masks_name=loaded.masks_name)
 
 
+def _load_served(name: str, path: Path, root: Path, device: torch.device,
+                 mask_provider: str | None) -> ServedModel | None:
+    """One checkpoint of a models directory, loaded; None for a kind no endpoint serves (skipped)."""
+    if not re.match(MODEL_NAME_PATTERN, name):
+        raise ReidgenError(f"model name {name!r} (from {path.relative_to(root)}) must be letters, digits, "
+                           f"'.', '_' or '-' (at most 128); rename the file or folder")
+    ckpt = Checkpoint.read(path, tuple(KINDS))
+    if not KINDS[ckpt.kind].endpoints:
+        log.info("skipping %s: a %s model (no HTTP endpoint serves that kind)", path, KINDS[ckpt.kind].title)
+        return None
+    return load_model(name, ckpt, root, device, mask_provider)
+
+
 def _to_cpu(result):
     return tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu()
 
@@ -209,6 +229,7 @@ class Engine:
         self._seconds_per_item = 0.05  # seconds per generated image, running estimate: the drain rate
         self.warmed = False
         self.warmup_error: str | None = None
+        self.refused: dict[str, RefusedModel] = {}  # checkpoints of the models directory that failed to load
 
     @classmethod
     def from_models_dir(cls, models_dir: str | Path, device: str = "auto", *, max_batch: int = 16,
@@ -216,26 +237,33 @@ class Engine:
                         timeout_s: float = REQUEST_TIMEOUT_S, mask_provider: str | None = None) -> Engine:
         """Load every checkpoint of ``models_dir`` of a kind served over HTTP, DG-Net and CR-GAN
         (files ``NAME.pt`` and run folders ``NAME/checkpoints/last.pt``; re-id checkpoints, such
-        as a teacher kept there, are skipped)."""
+        as a teacher kept there, are skipped). A checkpoint that fails to load is refused alone
+        (`Engine.refused`, logged): one bad file does not stop the others being served. When
+        none loads, the start fails, naming each refusal."""
         root = Path(models_dir)
         dev = pick_device(device)
-        models = []
+        models, refused, failures = [], [], []
         for name, path in scan_models_dir(root):
-            if not re.match(MODEL_NAME_PATTERN, name):
-                raise ReidgenError(f"model name {name!r} (from {path.relative_to(root)}) must be letters, digits, "
-                                   f"'.', '_' or '-' (at most 128); rename the file or folder")
-            ckpt = Checkpoint.read(path, tuple(KINDS))
-            if not KINDS[ckpt.kind].endpoints:
-                log.info("skipping %s: a %s model (no HTTP endpoint serves that kind)", path, KINDS[ckpt.kind].title)
+            try:
+                model = _load_served(name, path, root, dev, mask_provider)
+            except Exception as exc:  # noqa: BLE001 - any failure of one file refuses that file only
+                refused.append(RefusedModel(name, str(path.relative_to(root)), refusal_reason(exc, path, root)))
+                failures.append(f"{path.relative_to(root)}: {exc}")
+                log.warning("refused model %r from %s: %s", name, path, exc,
+                            exc_info=not isinstance(exc, ReidgenError))  # a bug keeps its traceback
                 continue
-            model = load_model(name, ckpt, root, dev, mask_provider)
-            models.append(model)
-            log.info("loaded %s model %r from %s (%s)", model.kind, name, model.checkpoint, model.identity)
+            if model is not None:
+                models.append(model)
+                log.info("loaded %s model %r from %s (%s)", model.kind, name, model.checkpoint, model.identity)
+        if not models and failures:
+            raise ReidgenError(f"no model of {root} could be loaded: " + "; ".join(failures))
         if not models:
             raise ReidgenError(f"no DG-Net or CR-GAN checkpoints in {root} (expected NAME.pt files or run folders "
                                f"with checkpoints/last.pt, written by reidgen train-dgnet / train-crgan)")
-        return cls(models, dev, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, amp=amp,
-                   timeout_s=timeout_s)
+        engine = cls(models, dev, max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, amp=amp,
+                     timeout_s=timeout_s)
+        engine.refused = {r.name: r for r in refused}
+        return engine
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | Checkpoint, device: str = "auto", *, max_batch: int = 4096,
@@ -259,6 +287,10 @@ class Engine:
             if name is None:
                 raise UnknownModel(f"no {KINDS[kind].title} model is loaded, which {op} needs (loaded: {loaded})")
         model = self.models.get(name)
+        if model is None and name in self.refused:
+            raise ModelRefused(f"model {name!r} is not ready: its checkpoint was refused when the server started "
+                               f"({self.refused[name].reason}); it is served once the file is fixed and the server "
+                               f"restarted (loaded: {loaded})")
         if model is None:
             raise UnknownModel(f"no model named {name!r}; loaded: {loaded}")
         if model.kind != kind:
@@ -272,6 +304,9 @@ class Engine:
 
     def model_infos(self) -> list[dict]:
         return [m.info(self.defaults[m.kind] == m.name) for m in self.models.values()]
+
+    def refused_infos(self) -> list[dict]:
+        return [r.info() for r in self.refused.values()]
 
     def queue_depth(self) -> int:
         return self._queue.qsize()

@@ -17,9 +17,11 @@ def add_status_routes(app: FastAPI, service: Service, metrics: Metrics) -> None:
 
     @app.get("/v1/models", response_model=ModelsResponse, tags=["service"], responses=error_docs(401, 500))
     async def models() -> ModelsResponse:
-        """The loaded models (with checkpoint identities), known presets, engine settings and limits."""
+        """The loaded models (with checkpoint identities), those refused at start (with why), known
+        presets, engine settings and limits."""
         s = settings
-        return ModelsResponse(models=engine.model_infos(), presets=PRESETS, engine=engine.describe(), limits={
+        return ModelsResponse(models=engine.model_infos(), refused=engine.refused_infos(), presets=PRESETS,
+                              engine=engine.describe(), limits={
             "max_body_bytes": s.max_body_bytes, "max_images": s.max_images, "max_outputs": s.max_outputs,
             "max_pixels": s.max_pixels, "max_steps": s.max_steps, "request_timeout_s": s.request_timeout_s,
             "auth": bool(s.api_key)})
@@ -33,13 +35,16 @@ def add_status_routes(app: FastAPI, service: Service, metrics: Metrics) -> None:
              responses={503: {"model": ReadyResponse, "description": "not ready yet (or warm-up failed)"},
                         **error_docs(500)})
     async def readyz() -> JSONResponse:
-        """Models loaded and warmed up (no API key needed)."""
+        """Models loaded and warmed up (no API key needed). A model whose checkpoint was refused at
+        start is listed as not ready; the server is ready for the others."""
+        refused = list(engine.refused)
         if engine.ready:
-            body = ReadyResponse(ready=True, status="ready", models=len(engine.models))
+            body = ReadyResponse(ready=True, status="ready", models=len(engine.models), refused=refused)
         else:
             failed = engine.warmup_error is not None
             body = ReadyResponse(ready=False, status="failed" if failed else "loading", models=len(engine.models),
-                                 detail="warm-up failed (see the server log)" if failed else "warming up")
+                                 detail="warm-up failed (see the server log)" if failed else "warming up",
+                                 refused=refused)
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
     @app.get("/v1/metrics", tags=["service"], response_class=Response,
