@@ -21,7 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Benchmarks write JSON to bench/results/; run them on an otherwise idle machine.
 bench: bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader

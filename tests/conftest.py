@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -13,11 +15,40 @@ from reidgen.core.market import link_subset
 from reidgen.core.paths import data_root
 from tests import error_bodies
 
-# Tests must not oversubscribe the 2 CI cores with data-loader processes.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-# Every app a test makes records its 4xx answers: tests/test_error_bodies.py, run last, checks that
-# none holds a server root's path (issue 23, item 2).
+# `make test` runs two pytest-xdist workers on the 2 CI cores: each takes one intra-op thread, so
+# that the two never oversubscribe the cores (alone, a run keeps two).
+_XDIST_WORKER = "PYTEST_XDIST_WORKER" in os.environ
+os.environ.setdefault("OMP_NUM_THREADS", "1" if _XDIST_WORKER else "2")
+if _XDIST_WORKER:
+    torch.set_num_threads(1)
+# Every app a test makes records its 4xx answers: tests/test_error_bodies.py, run last in its
+# process, checks that none holds a server root's path (issue 23, item 2); with several workers the
+# controller checks the leaks every worker logged once all have finished (`pytest_sessionfinish`).
 error_bodies.install()
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or a run without workers)
+        config.leak_log = Path(tempfile.mkdtemp(prefix="reidgen-4xx-")) / "leaks.txt"
+        config.leak_log.touch()
+    error_bodies.LEAK_LOG = Path(config.workerinput["leak_log"]) if hasattr(config, "workerinput") else config.leak_log
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist: each worker logs its leaks where the controller reads them."""
+    node.workerinput["leak_log"] = str(node.config.leak_log)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    log = getattr(session.config, "leak_log", None)
+    if log is None or not log.is_file():
+        return
+    found = log.read_text().splitlines()
+    shutil.rmtree(log.parent, ignore_errors=True)
+    if found:
+        print(f"\n{len(found)} 4xx bodies of this run hold a server root's path:\n" + "\n".join(found[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(items):

@@ -22,6 +22,10 @@ class Answer:
 
 
 RECORDED: list[Answer] = []
+# Under pytest-xdist each worker process records its own answers; the leaks it finds are also
+# appended here (one line each), so that the controller can check the whole run at its end
+# (conftest's `pytest_sessionfinish`).
+LEAK_LOG: Path | None = None
 
 
 def _root_strings(settings) -> tuple[str, ...]:
@@ -65,7 +69,9 @@ class Recorder:
             await self.app(scope, receiving, sending)
         finally:
             if 400 <= status[0] < 500:
-                RECORDED.append(Answer(status[0], bytes(request), bytes(body), self.roots))
+                answer = Answer(status[0], bytes(request), bytes(body), self.roots)
+                RECORDED.append(answer)
+                _log_leaks(answer)
 
 
 def recorded(create_app):
@@ -89,6 +95,14 @@ def install() -> None:
     wrapped = recorded(app_module.create_app)
     for module in (app_module, package, serve_module):
         module.create_app = wrapped
+
+
+def _log_leaks(answer: Answer) -> None:
+    if LEAK_LOG is not None:
+        found = leaks([answer])
+        if found:
+            with LEAK_LOG.open("a") as log:
+                log.writelines(line.replace("\n", " ") + "\n" for line in found)
 
 
 def leaks(answers: list[Answer] | None = None) -> list[str]:

