@@ -13,7 +13,7 @@ from reidgen.core.market import LabelMap, scan_split
 from trainer.augment import DiffAugment, cutout, translation
 from trainer.evaluation.quality import cheap_quality
 from trainer.tasks.dgnet import DGNET_TRAIN_PRESETS, DGNetTrainer, dgnet_preset_config
-from trainer.tasks.dgnet_levers import PerceptualLoss, identity_loss
+from trainer.tasks.dgnet_levers import BandStyleLoss, PerceptualLoss, band_statistics, identity_loss
 from trainer.tasks.reid import preset_config, train_reid
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -128,6 +128,24 @@ def test_perceptual_loss_zero_for_identical_images_positive_otherwise():
     assert all(p.grad is None for p in loss.parameters())
 
 
+def test_style_loss_zero_for_identical_images_positive_otherwise_and_blind_to_pose_within_a_band():
+    loss = BandStyleLoss()
+    x = images()
+    assert float(loss(x, x)) == 0.0
+    assert float(loss(images(seed=1), x)) > 0
+    # A mirror image has the same pixel statistics in every band: the pixel level asks nothing of pose.
+    assert torch.allclose(band_statistics(x.flip(3)), band_statistics(x), atol=1e-5)
+    # Colours swapped between the top and the bottom half: the same image-wide statistics, other bands.
+    swapped = torch.cat([x[:, :, 64:], x[:, :, :64]], 2)
+    assert not torch.allclose(band_statistics(swapped), band_statistics(x), atol=1e-3)
+    generated = images(seed=1).requires_grad_(True)
+    loss(generated, x).backward()
+    assert generated.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.parameters())
+    with pytest.raises(ValueError, match="differ in shape"):
+        loss(x[:2], x)
+
+
 def test_identity_loss_zero_for_identical_images_positive_otherwise(data6, teacher6):
     from generator_service.models.teacher import Teacher
 
@@ -144,19 +162,21 @@ def test_identity_loss_zero_for_identical_images_positive_otherwise(data6, teach
 
 
 def test_levers_enter_the_generator_step(data6, teacher6, tmp_path):
-    trainer = make_trainer(data6, teacher6, tmp_path, perc=1.0, id_recon=1.0, discriminator="projected",
+    trainer = make_trainer(data6, teacher6, tmp_path, perc=1.0, id_recon=1.0, style=1.0, discriminator="projected",
                            projected_width=16, diffaugment="translation", lr_mlp_mult=4.0)
     a, b = next(trainer._batches())
     (xa, ya, pa), (xb, yb, pb) = trainer._prepare(a, b)
     losses = trainer.g_losses(trainer.generate(xa, xb, pa, pb), pa, pb, ya, yb)
-    assert losses["l_perc"] > 0 and losses["l_id_recon"] > 0
+    assert losses["l_perc"] > 0 and losses["l_id_recon"] > 0 and losses["l_style"] > 0
+    assert trainer.style.features is trainer.perceptual.features  # one frozen network for both
     mlp, es = trainer.net.dec.mlps[0][0].weight, next(trainer.net.es.parameters())
     assert torch.autograd.grad(losses["l_perc"], mlp, retain_graph=True)[0].abs().sum() > 0
-    assert torch.autograd.grad(losses["l_id_recon"], es)[0].abs().sum() > 0
+    assert torch.autograd.grad(losses["l_id_recon"], es, retain_graph=True)[0].abs().sum() > 0
+    assert torch.autograd.grad(losses["l_style"], mlp)[0].abs().sum() > 0
     groups = trainer.opt_gen.param_groups
     assert [g["lr"] for g in groups] == [trainer.cfg.lr_gen, 4 * trainer.cfg.lr_gen]
     logs = trainer.train_step((a, b))
-    assert {"l_perc", "l_id_recon", "l_adv", "d_adv"} <= set(logs)
+    assert {"l_perc", "l_id_recon", "l_style", "l_adv", "d_adv"} <= set(logs)
 
 
 def test_paper_preset_keeps_the_reference_recipe():

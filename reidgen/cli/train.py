@@ -184,8 +184,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="small", choices=["paper", "small", "fast"],
                    help="paper: ResNet-50, 256×128, the appendix's shapes, 100K iterations; small (default): "
                         "EfficientNet-Lite0, 128×64, narrower networks, 2K iterations; fast: small with the levers "
-                        "that converge fast on a CPU (projected D, DiffAugment, perceptual and identity losses on "
-                        "the reconstructions)")
+                        "that converge fast on a CPU (README, DG-Net in one CPU hour)")
     p.add_argument("--resume", metavar="CKPT", help="resume exactly from a checkpoint (its configuration wins)")
     g = p.add_argument_group("overrides of the preset")
     g.add_argument("--backbone", choices=["resnet50", "efficientnet_lite0", "small_cnn"])
@@ -230,6 +229,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the perceptual loss (L1 on frozen ImageNet features) of the reconstructions (0)")
     f.add_argument("--id-recon", type=float, metavar="W",
                    help="weight of 1 − cos of the teacher's embeddings of each reconstruction and its real image (0)")
+    f.add_argument("--style", type=float, metavar="W",
+                   help="weight of the banded style loss: channel means and deviations (pixels and frozen ImageNet "
+                        "features) in horizontal bands of each cross-identity image against its appearance "
+                        "source (0)")
     f.add_argument("--lr-mlp-mult", type=float, metavar="M", help="the AdaIN MLPs learn at --lr-gen × M (1)")
     f.add_argument("--judge", metavar="CKPT",
                    help="an independent re-id model (same identities, another seed) that also judges identity in "

@@ -37,6 +37,7 @@ from torchvision.transforms import RandomErasing
 from generator_service.models.backbones import BACKBONE_CHANNELS
 from generator_service.models.dgnet import DGNET_PRESETS, DGNet, DGNetConfig
 from generator_service.models.dgnet_nets import reference_init, to_grey
+from generator_service.models.frozen_features import FrozenPyramid
 from generator_service.models.teacher import Teacher
 from reidgen.core.checkpoint import Checkpoint, load_state
 from reidgen.core.config import config_from_dict, config_to_dict, from_preset
@@ -49,7 +50,7 @@ from trainer.feeds.samplers import PositiveSampler, RandomBatchSampler
 from trainer.feeds.transforms import train_transform
 from trainer.loop import Plot, Task, TrainLoop
 from trainer.schedule import warmup_step_factor
-from trainer.tasks.dgnet_levers import PerceptualLoss, identity_loss
+from trainer.tasks.dgnet_levers import PERCEPTUAL_LEVELS, BandStyleLoss, PerceptualLoss, identity_loss
 
 
 @dataclass
@@ -67,6 +68,7 @@ class LossWeights:
     # Fast-converging levers (issue 22; 0 = off, as in the paper): trainer.tasks.dgnet_levers.
     perc: float = 0.0         # perceptual L1 on frozen ImageNet features, self + positive reconstructions
     id_recon: float = 0.0     # 1 − cos of the teacher's embeddings, self + positive reconstructions
+    style: float = 0.0        # banded channel statistics of each cross image against its appearance source
 
 
 @dataclass
@@ -291,7 +293,11 @@ class DGNetTrainer(Task):
             self.augment = DiffAugment(cfg.diffaugment)
         except ValueError as exc:
             raise ReidgenError(str(exc)) from None
-        self.perceptual = PerceptualLoss().to(self.device) if cfg.weights.perc > 0 else None
+        # One frozen feature network serves both levers that read it.
+        w = cfg.weights
+        pyramid = FrozenPyramid(levels=PERCEPTUAL_LEVELS).to(self.device) if w.perc > 0 or w.style > 0 else None
+        self.perceptual = PerceptualLoss(pyramid) if w.perc > 0 else None
+        self.style = BandStyleLoss(pyramid) if w.style > 0 else None
         self.judge = Teacher(cfg.judge, self.label_map, self.device) if cfg.judge else None
 
     def _generator_groups(self) -> list[dict]:
@@ -420,6 +426,9 @@ class DGNetTrainer(Task):
             out["l_perc"] = 2 * k * self.perceptual(recon, real)
         if cfg.weights.id_recon > 0:
             out["l_id_recon"] = 2 * k * identity_loss(self.teacher, recon, real)
+        if cfg.weights.style > 0:
+            n = len(real) // 2
+            out["l_style"] = k * self.style(x_cross, torch.cat([real[n:], real[:n]]))
 
         # Identity on real images and on their positives, erased copies for the classifier.
         real_all = torch.cat([real, pa, pb])
@@ -452,7 +461,8 @@ class DGNetTrainer(Task):
         weight = {"l_img1": lam["img"], "l_img2": lam["img"], "l_code": lam["code"], "l_id_cross": lam["id_cross"],
                   "l_adv": lam["adv"], "l_id_self": lam["id_self"], "l_id_pos": lam["id_pos"],
                   "l_fine_real": lam["fine_real"], "l_prim": lam["prim"], "l_fine": lam["fine"],
-                  "l_cycle": lam["cycle"], "l_perc": self.cfg.weights.perc, "l_id_recon": self.cfg.weights.id_recon}
+                  "l_cycle": lam["cycle"], "l_perc": self.cfg.weights.perc, "l_id_recon": self.cfg.weights.id_recon,
+                  "l_style": self.cfg.weights.style}
         return sum(weight[name] * value for name, value in losses.items())
 
     def train_step(self, batch) -> dict[str, float]:
@@ -503,7 +513,8 @@ class DGNetTrainer(Task):
     def plots(self) -> list[Plot]:
         cfg = self.cfg
         plots = [Plot("metrics.png", ("l_img1", "l_img2", "l_code", "l_id_cross", "l_id_self", "l_id_pos", "l_adv",
-                                      "d_adv", "l_prim", "l_fine", "l_perc", "l_id_recon", "acc_real"),
+                                      "d_adv", "l_prim", "l_fine", "l_perc", "l_id_recon", "l_style",
+                                      "acc_real"),
                       f"train-dgnet {cfg.data}")]
         if cfg.quality_every:
             judged = ("identity_consistency_judge", "reconstruction_identity_judge") if cfg.judge else ()
