@@ -366,6 +366,17 @@ class JobStore:
             raise UnknownJob(f"no job {job_id!r}")
         return spec.decode(), out.decode()
 
+    def matches(self, job_id: str, spec_json: str, out: str, index: int) -> bool:
+        """Whether a task's arguments are the job's own: the spec and ``out`` the API recorded (every
+        task `dispatch` sends carries them verbatim) and a shard index of its plan. A task pushed
+        into the broker by anyone else names a job but not its spec: it must not fail that job."""
+        try:
+            recorded = self.spec_and_out(job_id)
+        except UnknownJob:
+            return False
+        total = self._retry(lambda: self.r.hget(self._key(job_id), "shards_total"), "read a job's size")
+        return recorded == (spec_json, out) and total is not None and 0 <= index < int(total)
+
     def status(self, job_id: str) -> JobStatus:
         h = {k.decode(): v.decode() for k, v in self.r.hgetall(self._key(job_id)).items()}
         if not h:

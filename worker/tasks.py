@@ -90,6 +90,10 @@ def generate_shard_task(self, job_id: str, spec_json: str, out: str, index: int)
     jobs = store()
     if jobs.state(job_id) not in LIVE:  # cancelled, failed or gone: nothing to do, nothing to queue
         return {"shard": index, "status": jobs.state(job_id) or "unknown"}
+    if not isinstance(index, int) or not jobs.matches(job_id, spec_json, out, index):
+        # Not a task this job's API sent (pushed into Redis by hand): refused, the job left as it is.
+        log.warning("refused a task for job %s (shard %r): its arguments are not the job's", job_id, index)
+        return {"shard": index, "status": "refused"}
     config = settings()
     worker = f"{getattr(self.request, 'hostname', None) or 'local'}:{os.getpid()}"
     jobs.shard_started(job_id, index, worker, config.lease_s)
