@@ -143,12 +143,37 @@ class DGNet(nn.Module):
 
     # -- generation API (images are normalised tensors B×3×H×W) --------------------------------
     def encode_appearance(self, x: torch.Tensor) -> torch.Tensor:
+        """The appearance codes of a batch of images (E_a).
+
+        Args:
+            x: normalised images, B×3×H×W, at the model's image size.
+
+        Returns:
+            The appearance codes, B×C×parts×1 (C: E_a's channels; parts: horizontal stripes).
+        """
         return self.ea.code_and_pooled(x)[0]
 
     def encode_structure(self, x: torch.Tensor) -> torch.Tensor:
+        """The structure codes of a batch of images (E_s, which sees them in grey).
+
+        Args:
+            x: normalised images, B×3×H×W, at the model's image size.
+
+        Returns:
+            The structure codes, B×C_s×h×w (a feature map at a quarter of the image size).
+        """
         return self.es(to_grey(x))
 
     def decode(self, appearance: torch.Tensor, structure: torch.Tensor) -> torch.Tensor:
+        """Images from an appearance code and a structure code (the decoder G).
+
+        Args:
+            appearance: appearance codes from `encode_appearance`, B×C×parts×1.
+            structure: structure codes from `encode_structure`, B×C_s×h×w; row i of each is one image.
+
+        Returns:
+            Normalised images, B×3×H×W: person i's clothes in structure i's pose and background.
+        """
         return self.dec(appearance, structure)
 
     def swap(self, appearance_images: torch.Tensor, structure_images: torch.Tensor, grid: bool = False) -> torch.Tensor:
