@@ -73,7 +73,7 @@ else
     FILES=(-f docker-compose.yml -f docker-compose.cpu.yml)
     BASE="${LOCAL_BASE_IMAGE:-reidgen-base:bookworm}"
     docker image inspect "$BASE" >/dev/null 2>&1 \
-        || die "no local base image $BASE: build it first with 'sudo docker/local-base.sh' (make local-base)"
+        || die "no local base image $BASE: build it first, as root, with docker/local-base.sh (make local-base)"
 fi
 
 # -- the folder of this run: data, models, runs, shards, secrets ------------------------------------

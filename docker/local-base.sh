@@ -2,7 +2,7 @@
 # Build the Debian base image for machines that cannot pull from a registry (no Docker Hub):
 # debootstrap a minimal Debian 12 (bookworm) with Python 3.11 and Redis, and `docker import` it.
 #
-#   sudo docker/local-base.sh [IMAGE]        # default IMAGE: reidgen-base:bookworm
+#   docker/local-base.sh [IMAGE]             # as root (or with sudo); default IMAGE: reidgen-base:bookworm
 #
 # The image has `python` and `pip` of a virtual environment at /opt/venv (on PATH, so the
 # Dockerfile's `pip install` lands there, not in Debian's externally managed Python), the tools the
@@ -18,7 +18,7 @@ SUITE=bookworm
 PACKAGES=python3,python3-venv,python3-pip,python-is-python3,ca-certificates,passwd,redis-server,redis-tools
 
 die() { echo "local-base.sh: $*" >&2; exit 1; }
-[ "$(id -u)" = 0 ] || die "run as root (debootstrap makes a root file system)"
+[ "$(id -u)" = 0 ] || die "run as root, e.g. 'sudo $0' (debootstrap makes a root file system)"
 command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
 command -v docker >/dev/null || die "docker is missing: apt-get install docker.io"
 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (is dockerd running?)"
