@@ -60,6 +60,15 @@ from trainer.runlog import RunLog, plot_metrics
 from trainer.schedule import set_lr
 
 
+def host_values(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Scalar tensors as Python floats, copied to the host at once: one device synchronisation
+    per step instead of one per logged loss (each ``.item()`` waits for the GPU)."""
+    if not tensors:
+        return {}
+    values = torch.stack([t.detach().reshape(()).float() for t in tensors.values()]).tolist()
+    return dict(zip(tensors, values))
+
+
 @dataclass(frozen=True)
 class Plot:
     """A PNG of the run folder drawn from the log: these keys of the records of one event."""

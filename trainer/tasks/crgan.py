@@ -43,7 +43,7 @@ from reidgen.core.images import normalize
 from reidgen.core.market import LabelMap, scan_split
 from trainer.feeds.data import MaskedImageDataset, endless_batches, epoch_loader
 from trainer.feeds.samplers import RandomBatchSampler
-from trainer.loop import Plot, Task, TrainLoop
+from trainer.loop import Plot, Task, TrainLoop, host_values
 from trainer.schedule import constant_then_linear_factor
 
 
@@ -248,9 +248,8 @@ class CRGANTrainer(Task):
             self.loop.update(total, self.opt_g)
         self.dis.requires_grad_(True)
         self._last = (xs[:6], xt[:6], xt_masked[:6], context_mask[:6].detach(), xg[:6].detach())
-        return dict(d_loss=d_loss.item(), total=total.item(), l_adv=l_adv.item(), l_cam=l_cam.item(),
-                    l_id=l_id.item(), l_con=l_con.item(), context_mask_mean=context_mask.mean().item(),
-                    g_updates=g_updates)
+        return {**host_values(dict(d_loss=d_loss, total=total, l_adv=l_adv, l_cam=l_cam, l_id=l_id, l_con=l_con,
+                                   context_mask_mean=context_mask.mean())), "g_updates": g_updates}
 
     # -- the loop's hooks ------------------------------------------------------------------------
     def run(self) -> Path:

@@ -48,7 +48,7 @@ from trainer.augment import DiffAugment
 from trainer.feeds.data import ImageDataset, endless_batches, epoch_loader
 from trainer.feeds.samplers import PositiveSampler, RandomBatchSampler
 from trainer.feeds.transforms import train_transform
-from trainer.loop import Plot, Task, TrainLoop
+from trainer.loop import Plot, Task, TrainLoop, host_values
 from trainer.schedule import warmup_step_factor
 from trainer.tasks.dgnet_levers import PERCEPTUAL_LEVELS, BandStyleLoss, PerceptualLoss, identity_loss
 
@@ -440,7 +440,7 @@ class DGNetTrainer(Task):
         out["l_id_pos"] = k * F.cross_entropy(logits_real[n2:].float(), labels)
         if lam["fine_real"] > 0:
             out["l_fine_real"] = k * F.cross_entropy(logits_real_fine[:n2].float(), labels)
-        self._acc = (logits_real[:n2].argmax(1) == labels).float().mean().item()
+        self._acc = (logits_real[:n2].argmax(1) == labels).float().mean()
 
         if lam["prim"] > 0:
             # Feeding: E_a learns the teacher's soft label (primary head) and the structure provider's
@@ -481,9 +481,8 @@ class DGNetTrainer(Task):
         self.loop.update(total, self.opt_ea, self.opt_gen)
 
         lam = self.lambdas()
-        logs = {name: v.item() for name, v in {**d, **losses}.items()}
-        logs.update(total=total.item(), acc_real=self._acc, lam_prim=lam["prim"], lam_fine=lam["fine"],
-                    lam_id_cross=lam["id_cross"])
+        logs = host_values({**d, **losses, "total": total, "acc_real": self._acc})
+        logs.update(lam_prim=lam["prim"], lam_fine=lam["fine"], lam_id_cross=lam["id_cross"])
         n, x_cross = len(xa), gen["x_cross"]
         self._last_images = (xa[:4], xb[:4], gen["x_self"][:4], gen["x_pos"][:4], x_cross[n:n + 4], x_cross[:4])
         return logs
