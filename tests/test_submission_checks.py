@@ -230,8 +230,8 @@ def answer_time(port: int, head: bytes, trickle: bool) -> tuple[float, bytes]:
     """Send ``head``, then (``trickle``) one body byte every 0.1 s; seconds from the head to the
     answer, and the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sent = time.monotonic()  # before the head leaves: the server's clock cannot start earlier
         sock.sendall(head)
-        sent = time.monotonic()
         sock.settimeout(0.1)
         got = b""
         while time.monotonic() - sent < 8:

@@ -15,9 +15,9 @@ their arguments; it executes nothing). Two callers need that:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import pickletools
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,17 +174,16 @@ def _torch_plain(name: str) -> bool:
     module, _, attr = name.rpartition(".")
     if module != "torch":
         return False
-    value = getattr(torch, attr, None)
+    value = vars(torch).get(attr)  # not getattr: torch imports submodules on demand, named by the file
     return attr.endswith("Storage") and isinstance(value, type) or isinstance(value, torch.dtype)
 
 
 def _own_dataclass(name: str) -> bool:
-    """A configuration dataclass of reidgen's own packages (imported to tell: our code, not the file's)."""
+    """A configuration dataclass of reidgen's own packages. Only modules this process has already
+    imported are looked in: a file's names never make it import (and so run) a module."""
     module, _, attr = name.rpartition(".")
-    if not (module + ".").startswith(_OWN_PACKAGES) or not attr.isidentifier():
+    if not (module + ".").startswith(_OWN_PACKAGES):
         return False
-    try:
-        value = getattr(importlib.import_module(module), attr, None)
-    except ImportError:
-        return False
+    loaded = sys.modules.get(module)
+    value = vars(loaded).get(attr) if loaded is not None else None  # no module __getattr__ runs either
     return isinstance(value, type) and dataclasses.is_dataclass(value)
