@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= market1501_mini
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader clean
+.PHONY: install demo test docs bench bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The documentation site (mkdocs.yml, docs/): the results pages regenerated from bench/results/*.json,
+# then built into site/. Offline: no web fonts, no remote inventories.
+docs: install
+	$(BIN)/python bench/results_pages.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Benchmarks write JSON to bench/results/; run them on an otherwise idle machine.
 bench: bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader
@@ -48,7 +55,7 @@ bench-loader: install
 	$(BIN)/python bench/loader.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site
 
 # The Docker deployment, run for real (needs Docker and Docker Compose v2.24+; docker/README.md).
 # Not part of `make test`: CI has no Docker engine. local-base: the Debian base image for machines
