@@ -55,9 +55,13 @@ COMMANDS: dict[str, list[str]] = {
         "python bench/dgnet_cpu_run.py --run runs/dgnet_cpu_id1 --n 500 --control runs/teacher_control "
         "--results dgnet_cpu_run_id_cross_1",
     ],
+    # Run A, as its train_config records it (milestones 0.6 0.9, the small preset's default then);
+    # the results file was kept under this name when run B became dgnet_cpu_run.json.
     "dgnet_cpu_run_milestones_0.6_0.9": [
-        "reidgen train-dgnet --data market1501 --teacher runs/teacher_full/checkpoints/last.pt "
-        "--out runs/dgnet_cpu --iterations 1450 --milestones 0.6 0.9 ...   # then bench/dgnet_cpu_run.py",
+        "OMP_NUM_THREADS=1 reidgen train-dgnet --data market1501 --teacher runs/teacher_full/checkpoints/last.pt "
+        "--out runs/dgnet_cpu --iterations 1450 --milestones 0.6 0.9 --checkpoint-every 145 --keep-checkpoints "
+        "--grid-every 145 --quality-every 50 --workers 0",
+        "python bench/dgnet_cpu_run.py --run runs/dgnet_cpu --n 500",
     ],
     "dgnet_fast": [
         "reidgen train-reid --data market1501 --out runs/teacher_full --epochs 6 --milestones 5 --workers 0",
