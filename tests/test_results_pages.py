@@ -1,9 +1,12 @@
-"""The documentation's results pages match bench/results/*.json (bench/results_pages.py), and the
-README and the docs speak of the project only."""
+"""The documentation: its results pages match bench/results/*.json (bench/results_pages.py), the
+README and the docs speak of the project only, and the deployment page's commands fit the compose
+files (no sudo, COMPOSE_FILE instead of -f, models before `up`, a `down` that names every profile,
+trainer commands that parse). Docker itself is exercised by `make compose-e2e`, not here."""
 
 import importlib.util
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,105 @@ def test_the_docs_speak_of_the_project_only():
 
 def test_readme_is_short():
     assert len((REPO / "README.md").read_text().splitlines()) <= 250
+
+
+# -- the deployment page: its commands checked against the compose files, offline -----------------
+DEPLOYMENT = REPO / "docs" / "deployment.md"
+
+
+def _deployment_steps() -> list[tuple[str, list[str]]]:
+    """(heading, command lines) of each `## ...` section's bash blocks, continuation lines joined."""
+    steps, block = [("", [])], None
+    for line in DEPLOYMENT.read_text().splitlines():
+        if block is None and line.startswith("## "):
+            steps.append((line[3:], []))
+        elif block is None and line.startswith("```bash"):
+            block = []
+        elif block is not None and line.startswith("```"):
+            text = re.sub(r"\\\n\s*", " ", "\n".join(block))
+            steps[-1][1].extend(c for c in text.splitlines() if c.strip())
+            block = None
+        elif block is not None:
+            block.append(line)
+    return steps
+
+
+def _compose_commands() -> list[list[str]]:
+    """Each `docker compose ...` command of the page, as its words (comments and `&& ...` cut)."""
+    out = []
+    for _, lines in _deployment_steps():
+        for line in lines:
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith("docker compose"):
+                out.append(shlex.split(line.split("&&")[0]))
+    return out
+
+
+def _compose_file(name: str) -> dict:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_constructor("!reset", lambda loader, node: None)
+    Loader.add_constructor("!override", lambda loader, node: None)
+    return yaml.load((REPO / name).read_text(), Loader=Loader)
+
+
+def test_deployment_steps_assume_no_sudo_and_no_f_files():
+    """COMPOSE_FILE in .env names the files once; nothing is run with sudo."""
+    lines = [line for _, ls in _deployment_steps() for line in ls]
+    assert not [line for line in lines if re.search(r"(^|\s)sudo\s", line)]
+    named_files = [c for c in _compose_commands() for i, word in enumerate(c[:-1])
+                   if word in ("-f", "--file") and c[i + 1].endswith((".yml", ".yaml"))]
+    assert not named_files, "a command names its compose files instead of COMPOSE_FILE"
+    text = DEPLOYMENT.read_text()
+    files = re.search(r"COMPOSE_FILE=([\w.:-]+)", text).group(1).split(":")
+    assert all((REPO / f).exists() for f in files), files
+
+
+def test_deployment_names_only_services_and_profiles_that_exist():
+    services = _compose_file("docker-compose.yml")["services"]
+    profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
+    for cmd in _compose_commands():
+        named = {cmd[i + 1] for i, a in enumerate(cmd) if a == "--profile"}
+        assert named <= profiles, cmd
+        if "run" in cmd:
+            assert cmd[cmd.index("--rm") + 1 if "--rm" in cmd else cmd.index("run") + 1] in services or \
+                "--entrypoint" in cmd, cmd
+
+
+def test_down_stops_every_profile():
+    services = _compose_file("docker-compose.yml")["services"]
+    profiles = {p for svc in services.values() for p in svc.get("profiles", [])}
+    downs = [c for c in _compose_commands() if "down" in c]
+    assert downs
+    for cmd in downs:
+        assert {cmd[i + 1] for i, a in enumerate(cmd) if a == "--profile"} == profiles, cmd
+
+
+def test_models_are_prepared_before_the_service_starts():
+    first_up = first_model = None
+    for i, (_, lines) in enumerate(_deployment_steps()):
+        for line in lines:
+            if first_model is None and re.search(r"\bmodels/|--out /models/", line):
+                first_model = i
+            if first_up is None and re.search(r"docker compose up\b", line):
+                first_up = i
+    assert first_model is not None and first_up is not None and first_model < first_up
+
+
+def test_the_cpu_override_takes_torch_index_url_from_env():
+    text = (REPO / "docker-compose.cpu.yml").read_text()
+    assert re.search(r"TORCH_INDEX_URL: \$\{TORCH_INDEX_URL:-\}", text)
+    assert "TORCH_INDEX_URL=" in DEPLOYMENT.read_text()
+
+
+def test_trainer_commands_of_the_deployment_parse():
+    from reidgen.cli import build_parser
+
+    seen = 0
+    for cmd in _compose_commands():
+        if cmd[:4] == ["docker", "compose", "run", "--rm"] and cmd[4] == "trainer" and "..." not in cmd:
+            build_parser().parse_args(cmd[5:])
+            seen += 1
+    assert seen >= 5
