@@ -206,7 +206,17 @@ class DGNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, source: "str | Path | Checkpoint") -> tuple["DGNet", Checkpoint]:
         """The model of a training checkpoint, a run folder or an inference export (without D), in
-        eval mode, with the checkpoint it came from."""
+        eval mode, with the checkpoint it came from.
+
+        Args:
+            source: a DG-Net checkpoint file (a training checkpoint, an `import-dgnet` file or an
+                `export`), a run folder (its `checkpoints/last.pt`), or a `Checkpoint` already read.
+                Files are read with `torch.load(weights_only=True)`: nothing in them runs.
+
+        Returns:
+            The model on the CPU in eval mode, and the checkpoint (configuration, label map,
+            lineage) it was built from.
+        """
         ckpt = source if isinstance(source, Checkpoint) else Checkpoint.read(source, "dgnet")
         model = cls(config_from_dict(DGNetConfig, ckpt.model_config), len(ckpt.label_map),
                     discriminator=not ckpt.contents.get("inference_only", False))
