@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end check of the Compose deployment on this machine (`make compose-e2e`): builds the
+# End-to-end check of the Compose deployment on the local Docker engine (`make compose-e2e`): builds the
 # images, trains a tiny DG-Net in the trainer container, starts redis, api and a worker, waits
 # for their health checks, posts a swap with curl and the API key, runs a small batch job over
 # HTTP and verifies its shards in the trainer, scales to 2 workers and kills one and restarts
