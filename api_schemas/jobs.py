@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 JobKind = Literal["dgnet_all_pairs", "dgnet_random_structures", "crgan_render"]
@@ -71,12 +81,63 @@ class JobSpec(_Strict):
     jpeg_quality: int = Field(95, ge=1, le=100)
 
     @model_validator(mode="after")
-    def _kind_options(self) -> "JobSpec":
-        if self.kind == "crgan_render" and not self.target:
-            raise ValueError("kind crgan_render needs a target data set (target)")
-        if self.kind != "crgan_render" and self.target:
-            raise ValueError(f"target is only used by crgan_render, not {self.kind}")
+    def _kind_rules(self) -> JobSpec:
+        # The rules of each kind live in its own spec (below), the one HTTP clients are shown: the
+        # flat form, which workers and `reidgen generate` read, is held to the same rules.
+        if type(self) is JobSpec:
+            SPEC_OF_KIND[self.kind].model_validate(self.model_dump(exclude_unset=True))
         return self
+
+
+class _DgnetSpec(JobSpec):
+    """A DG-Net job: its structures come from the source data set, so it has no target."""
+
+    target: None = Field(None, description="not used by DG-Net jobs (crgan_render only)")
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _no_target(cls, value, info: ValidationInfo):
+        if value is not None:
+            raise PydanticCustomError("target_unused", "is only used by crgan_render jobs; leave it out for {kind}",
+                                      {"kind": info.data.get("kind", "DG-Net jobs")})
+        return value
+
+
+class DgnetAllPairsSpec(_DgnetSpec):
+    """Every appearance × structure pair of the subset."""
+
+    kind: Literal["dgnet_all_pairs"]
+
+
+class DgnetRandomStructuresSpec(_DgnetSpec):
+    """K random structures (``structures_per_image``) for every source image."""
+
+    kind: Literal["dgnet_random_structures"]
+
+
+class CrganRenderSpec(JobSpec):
+    """Source persons rendered into the contexts of a target data set."""
+
+    kind: Literal["crgan_render"]
+    target: PathText = Field(min_length=1, description="target data set whose contexts the sources are rendered "
+                                                       "into: a data set name under the server's data root")
+
+
+SPEC_OF_KIND: dict[str, type[JobSpec]] = {"dgnet_all_pairs": DgnetAllPairsSpec,
+                                          "dgnet_random_structures": DgnetRandomStructuresSpec,
+                                          "crgan_render": CrganRenderSpec}
+
+
+def _fields_of_flat(value):
+    # A flat `JobSpec` given in Python (JobRequest(spec=JobSpec(...))) is read as its fields, as if
+    # it had come over HTTP: the union takes only the spec of its kind.
+    return value.model_dump() if type(value) is JobSpec else value
+
+
+# A job spec as HTTP clients send it: one spec per kind, told apart by ``kind`` (the OpenAPI
+# document shows it as a discriminated union). The value is still a `JobSpec`.
+KindSpec = Annotated[DgnetAllPairsSpec | DgnetRandomStructuresSpec | CrganRenderSpec, Discriminator("kind"),
+                     BeforeValidator(_fields_of_flat)]
 
 
 class SourceRef(BaseModel):
@@ -152,7 +213,7 @@ class JobManifest(BaseModel):
 
 
 class JobRequest(_Strict):
-    spec: JobSpec
+    spec: KindSpec
     out: PathText = Field(min_length=1, description="folder for the shards: a name under the server's shards root")
 
 

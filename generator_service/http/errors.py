@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from typing import get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from api_schemas.jobs import JobKind
 from api_schemas.service import ErrorBody, ErrorDetail
 from generator_service.http.metrics import Metrics, endpoint_label
 from generator_service.inference.engine import (
@@ -86,16 +89,30 @@ def client_message(exc: ReidgenError) -> str:
     return str(exc) if isinstance(exc, _CLIENT_WORDED) else public_message(exc)
 
 
+# A discriminated union (a job spec per kind) puts the kind it chose into an error's location:
+# the client wrote no field of that name, so the message leaves it out (spec.target, not
+# spec.crgan_render.target).
+_NOT_FIELDS = frozenset({"body", *get_args(JobKind)})
+
+
 def validation_message(exc: ValidationError | RequestValidationError) -> str:
     """Pydantic errors as one line: where and what (never the offending value itself)."""
     parts = []
     for err in exc.errors()[:6]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in _NOT_FIELDS) or "body"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     more = len(exc.errors()) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
+def allowed_methods(request: Request) -> str:
+    """The methods of every route at the request's path. Starlette's 405 names only the first
+    route's (GET of /v1/jobs/{id}, not its DELETE), though each method is a route of its own."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics, known: frozenset[str]) -> None:
@@ -128,8 +145,10 @@ def install_error_handlers(app: FastAPI, metrics: Metrics, known: frozenset[str]
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
         message = {404: f"no endpoint {request.url.path}; see /openapi.json",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return respond(request, exc.status_code, codes.get(exc.status_code, "http_error"), message,
-                       getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return respond(request, exc.status_code, codes.get(exc.status_code, "http_error"), message, headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
