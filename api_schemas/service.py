@@ -30,12 +30,21 @@ MAX_LIST_IMAGES = 64
 MAX_STEPS = 64
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
+# Base64 as the server decodes it (generator_service.http.parsing.b64_image, which applies this same
+# expression): the standard alphabet in groups of four, the last group of 2 or 3 characters with its
+# padding optional; after an optional data URL head. The decoder also skips whitespace; the
+# document leaves it out, so a client that follows the document never sends any.
+BASE64_BODY = r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}(?:==?)?|[A-Za-z0-9+/]{3}=?)"
+DATA_URL_HEAD = r"data:[^,]*;base64,"
+BASE64_IMAGE_PATTERN = rf"^(?:{DATA_URL_HEAD})?{BASE64_BODY}$"
+
 ImageB64 = Annotated[str, Field(
     min_length=1,
     description="An image file (PNG, JPEG, WebP or BMP) encoded as base64 (standard alphabet; "
                 "padding optional), or as a data URL ``data:image/png;base64,...``. Any size within "
                 "the server's pixel limit; it is resized to the model's input size.",
     examples=[EXAMPLE_PNG_RED],
+    json_schema_extra={"pattern": BASE64_IMAGE_PATTERN, "contentEncoding": "base64", "contentMediaType": "image/*"},
 )]
 OutputFormat = Literal["json", "png", "jpeg"]
 ModelName = Annotated[str, Field(

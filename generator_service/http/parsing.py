@@ -3,7 +3,6 @@ and the handlers' shared `Service`; writing images back."""
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api_schemas.service import SwapForm, SwapRequest
+from api_schemas.service import BASE64_BODY, SwapForm, SwapRequest
 from generator_service.http.errors import ApiError, validation_message
 from generator_service.http.settings import Settings
 from generator_service.inference.engine import Engine, ServedModel
@@ -74,21 +73,23 @@ def check_json_shape(body: bytes, max_items: int, max_depth: int) -> None:
                                                 f"most {max_depth}")
 
 
+_BASE64 = re.compile(BASE64_BODY)
+
+
 def b64_image(text: str, what: str) -> bytes:
-    """A base64 string (or ``data:...;base64,`` URL) → bytes; padding optional, whitespace ignored."""
+    """A base64 string (or ``data:...;base64,`` URL) → bytes; padding optional, whitespace ignored.
+    What it takes is what the OpenAPI document says (`BASE64_IMAGE_PATTERN`), whitespace aside."""
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if not header.endswith(";base64"):
             raise ApiError(400, "bad_base64", f"{what}: a data URL must be base64 (data:image/png;base64,...)")
     text = "".join(text.split())
-    try:
-        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_base64", f"{what}: not valid base64 (standard alphabet A-Z a-z 0-9 + /, "
-                                          f"expected the bytes of a PNG, JPEG, WebP or BMP file)") from None
-    if not data:
+    if not text:
         raise ApiError(400, "bad_base64", f"{what}: empty image")
-    return data
+    if not _BASE64.fullmatch(text):
+        raise ApiError(400, "bad_base64", f"{what}: not valid base64 (standard alphabet A-Z a-z 0-9 + /, "
+                                          f"expected the bytes of a PNG, JPEG, WebP or BMP file)")
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
 async def read_form(request: Request, settings: Settings, file_fields: Sequence[str]) -> dict[str, Any]:
