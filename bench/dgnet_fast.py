@@ -34,6 +34,13 @@ ARMS: dict[str, dict] = {
     "perc_idf": {"perc": 1.0, "id_recon": 1.0},  # the fast preset
     "projected_all": {"discriminator": "projected", "diffaugment": "color,translation,cutout", "perc": 1.0,
                       "id_recon": 1.0},
+    # The second round, over the fast preset (perc + idf): the banded style loss on the cross images,
+    # the AdaIN MLPs' learning rate, and the learning rate of E_s, G and D.
+    "perc_idf_style": {"perc": 1.0, "id_recon": 1.0, "style": 1.0},
+    "perc_idf_style_mlp_lr": {"perc": 1.0, "id_recon": 1.0, "style": 1.0, "lr_mlp_mult": 10.0},
+    "perc_idf_lr4": {"perc": 1.0, "id_recon": 1.0, "lr_gen": 4e-4},
+    "perc_idf_style_lr4": {"perc": 1.0, "id_recon": 1.0, "style": 1.0, "lr_gen": 4e-4},
+    "perc01_idf_style_lr4": {"perc": 0.1, "id_recon": 1.0, "style": 1.0, "lr_gen": 4e-4},
 }
 
 # The cheap figures the trainer logs on 64 fixed training images (every --quality-every iterations).
@@ -92,7 +99,8 @@ def collect_arm(run: Path, arm: str, speed: dict, judge: str, n: int, device: st
     missing = sorted(set(steps or ()) - set(step_of))
     if missing:
         raise SystemExit(f"{run} keeps no snapshot at step(s) {missing}; it has {sorted(step_of)}")
-    for path, size in [(step_of[s], k) for s, k in steps.items()] if steps else [(kept[-1], n)]:
+    last = kept[-1] if kept else run / "checkpoints" / "last.pt"  # a run that kept no snapshots: its end
+    for path, size in [(step_of[s], k) for s, k in steps.items()] if steps else [(last, n)]:
         figures = snapshot_quality(path, judge, size, device)
         snapshots.append({**figures, "n": size, "cpu_minutes": round(figures["step"] * spi / 60, 2)})
         print(arm, json.dumps(snapshots[-1]), flush=True)
@@ -147,6 +155,9 @@ def main() -> int:
                     help="the long run's snapshots to measure with reidgen quality (default: its last at --long-n), "
                          "e.g. 300:250 where it has spent an arm's CPU-minutes, at the arms' n, and its end")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--name", default="dgnet_fast",
+                    help="results name: bench/results/NAME.json and NAME_curves.png (e.g. dgnet_fast_mini)")
+    ap.add_argument("--data-label", default="market1501 (full train set)", help="the arms' training data (recorded)")
     ap.add_argument("--commands", nargs="*", default=[], help="the commands that trained the runs (recorded)")
     args = ap.parse_args()
 
@@ -159,7 +170,8 @@ def main() -> int:
             arms[name] = collect_arm(run, name, speed, args.judge, args.n, args.device)
     if not arms:
         raise SystemExit(f"no arm runs under {args.arms} (expected folders named {', '.join(ARMS)})")
-    payload = {"device": args.device, "judge": args.judge, "quality_n": args.n, "long_quality_n": args.long_n,
+    payload = {"device": args.device, "data": args.data_label, "judge": args.judge, "quality_n": args.n,
+               "long_quality_n": args.long_n,
                "cost_proxy": COST_PROXY, "arms": arms,
                "commands": args.commands}
     if args.long:
@@ -187,8 +199,8 @@ def main() -> int:
         }
         payload.update(long=long_run, final=final, cpu_minutes=long_run["cpu_minutes"])
         arms = {**arms, f"{args.long_arm} (long)": long_run}
-    plot_curves(arms, RESULTS / "dgnet_fast_curves.png")
-    write_results("dgnet_fast", payload)
+    plot_curves(arms, RESULTS / f"{args.name}_curves.png")
+    write_results(args.name, payload)
     return 0
 
 

@@ -136,7 +136,9 @@ def main() -> int:
             if r["precision"] in base:
                 r["cost_over_small"] = r["seconds_per_iteration"] / base[r["precision"]]["seconds_per_iteration"]
                 print(f"{r['arm']} ({r['precision']}): {r['cost_over_small']:.2f}× the small preset's s/it")
-    write_results(args.results, {"device": str(pick_device("auto")), "data": data, "results": results,
+    # The data set as named (not this checkout's resolved path) and the command, for the results page.
+    write_results(args.results, {"device": str(pick_device("auto")), "data": args.data, "results": results,
+                                  "commands": ["python bench/dgnet_speed.py " + " ".join(sys.argv[1:])],
                                   "small_over_paper_speed": ratio, "bf16_over_fp32_speed": bf16_speedup,
                                   "torch_threads": args.threads or None})
     return 0
