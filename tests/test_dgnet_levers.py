@@ -206,3 +206,12 @@ def test_cheap_quality_reports_the_judge_beside_the_teacher(data6, teacher6, jud
     # Judged by the teacher itself, the judge's figures are the teacher's.
     same = cheap_quality(trainer.net, trainer.teacher, x, labels, judge=trainer.teacher)
     assert same["real_identity_judge"] == same["real_identity"]
+
+
+def test_the_fast_preset_is_the_small_one_with_its_levers_and_the_paper_preset_keeps_the_reference():
+    fast, small, paper = (dgnet_preset_config(name) for name in ("fast", "small", "paper"))
+    assert (fast.weights.perc, fast.weights.id_recon, fast.weights.style) == (1.0, 1.0, 0.0)
+    assert fast.lr_gen == 4 * small.lr_gen == 4e-4 and fast.model == small.model
+    assert (paper.lr_gen, paper.lr_mlp_mult, paper.diffaugment) == (1e-4, 1.0, "")
+    assert paper.model.discriminator == "multiscale"
+    assert (paper.weights.perc, paper.weights.id_recon, paper.weights.style) == (0.0, 0.0, 0.0)
