@@ -17,7 +17,14 @@ from api_schemas.service import (
     SwapResponse,
 )
 from generator_service.http.errors import ApiError
-from generator_service.http.openapi import GENERATE_ERRORS, IMAGE_CONTENT, error_docs, request_body
+from generator_service.http.openapi import (
+    GENERATE_ERRORS,
+    IMAGE_CONTENT,
+    TIMEOUT_MS_MAX,
+    TIMEOUT_MS_MIN,
+    error_docs,
+    request_body,
+)
 from generator_service.http.parsing import (
     Service,
     image_response,
@@ -36,14 +43,17 @@ from reidgen.core.images import image_grid, mask_to_pil, to_pil
 
 def add_generate_routes(app: FastAPI, service: Service) -> None:
     engine, settings = service.engine, service.settings
-    timeout_header = Header(None, alias="X-Timeout-Ms", ge=1, le=3_600_000,
-                            description="deadline of this request in milliseconds (capped by the server's)")
+    # Typed int, not int | None: absent is the server's deadline, and the document then says what
+    # a client may send (an integer in bounds), not that it may send null.
+    timeout_header = Header(None, alias="X-Timeout-Ms", ge=TIMEOUT_MS_MIN, le=TIMEOUT_MS_MAX,
+                            description="deadline of this request in milliseconds (capped by the server's; a "
+                                        "deadline that passes before the images are made: 504)")
 
     @app.post("/v1/swap", response_model=SwapResponse, tags=["generate"],
               responses={200: {"content": IMAGE_CONTENT, "description": "generated images"},
                          **error_docs(*GENERATE_ERRORS)},
               openapi_extra=request_body(SwapRequest, SwapForm))
-    async def swap(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
+    async def swap(request: Request, x_timeout_ms: int = timeout_header) -> Response:
         """DG-Net appearance × structure swap: pairs, or every combination as a grid."""
         media = media_type(request)
         if media == "application/json":
@@ -79,7 +89,7 @@ def add_generate_routes(app: FastAPI, service: Service) -> None:
               responses={200: {"content": IMAGE_CONTENT, "description": "the rendered image"},
                          **error_docs(*GENERATE_ERRORS)},
               openapi_extra=request_body(RenderRequest))
-    async def render(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
+    async def render(request: Request, x_timeout_ms: int = timeout_header) -> Response:
         """CR-GAN: render the source person into the target image's context."""
         require_json(media_type(request), "/v1/render")
         req = await service.parse(RenderRequest, request)
@@ -106,7 +116,7 @@ def add_generate_routes(app: FastAPI, service: Service) -> None:
               responses={200: {"content": IMAGE_CONTENT, "description": "the interpolated images"},
                          **error_docs(*GENERATE_ERRORS)},
               openapi_extra=request_body(InterpolateRequest))
-    async def interpolate(request: Request, x_timeout_ms: int | None = timeout_header) -> Response:
+    async def interpolate(request: Request, x_timeout_ms: int = timeout_header) -> Response:
         """DG-Net: images along a line between two images' appearance (or structure) codes."""
         require_json(media_type(request), "/v1/interpolate")
         req = await service.parse(InterpolateRequest, request)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api_schemas.jobs import JobRequest, JobStatus
 from generator_service.http.errors import ApiError
-from generator_service.http.openapi import error_docs, request_body
+from generator_service.http.openapi import JOB_ERRORS, JOB_SUBMIT_ERRORS, error_docs, request_body
 from generator_service.http.parsing import Service, media_type, require_json
 from generator_service.http.settings import Settings
 
@@ -40,7 +40,7 @@ def add_job_routes(app: FastAPI, jobs: JobsBackend, service: Service) -> None:
     job_id_param = PathParam(pattern=JOB_ID_PATTERN, description="the id POST /v1/jobs returned")
 
     @app.post("/v1/jobs", response_model=JobStatus, status_code=202, tags=["jobs"],
-              responses=error_docs(400, 401, 408, 413, 415, 422, 429, 500), openapi_extra=request_body(JobRequest))
+              responses=error_docs(*JOB_SUBMIT_ERRORS), openapi_extra=request_body(JobRequest))
     async def submit_job(request: Request) -> JSONResponse:
         """Submit a batch generation job (one Celery task per shard); its progress is at GET /v1/jobs/{id}.
         ``checkpoint`` and ``teacher`` name models under the server's models root (checked here to
@@ -60,13 +60,13 @@ def add_job_routes(app: FastAPI, jobs: JobsBackend, service: Service) -> None:
         status = await job_call(jobs.status, job_id)
         return JSONResponse(status.model_dump(), status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"], responses=error_docs(401, 404, 422, 500))
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"], responses=error_docs(*JOB_ERRORS))
     async def job_status(job_id: str = job_id_param) -> JobStatus:
         """Progress of a job: shards done/total, records, images/s, errors."""
         return await job_call(jobs.status, job_id)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, tags=["jobs"],
-                responses=error_docs(401, 404, 422, 500))
+                responses=error_docs(*JOB_ERRORS))
     async def cancel_job(job_id: str = job_id_param) -> JobStatus:
         """Cancel a job: pending shards are dropped, running ones stop at their next batch (finished
         shards stay)."""

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api_schemas.service import HealthResponse, ModelsResponse, ReadyResponse
 from generator_service.http.metrics import Metrics
-from generator_service.http.openapi import error_docs
+from generator_service.http.openapi import OPEN_ERRORS, SERVICE_ERRORS, error_docs
 from generator_service.http.parsing import Service
 from generator_service.inference.kinds import PRESETS
 
@@ -15,7 +15,7 @@ from generator_service.inference.kinds import PRESETS
 def add_status_routes(app: FastAPI, service: Service, metrics: Metrics) -> None:
     engine, settings = service.engine, service.settings
 
-    @app.get("/v1/models", response_model=ModelsResponse, tags=["service"], responses=error_docs(401, 500))
+    @app.get("/v1/models", response_model=ModelsResponse, tags=["service"], responses=error_docs(*SERVICE_ERRORS))
     async def models() -> ModelsResponse:
         """The loaded models (with checkpoint identities), those refused at start (with why), known
         presets, engine settings and limits."""
@@ -26,14 +26,14 @@ def add_status_routes(app: FastAPI, service: Service, metrics: Metrics) -> None:
             "max_pixels": s.max_pixels, "max_steps": s.max_steps, "request_timeout_s": s.request_timeout_s,
             "auth": bool(s.api_key)})
 
-    @app.get("/v1/healthz", response_model=HealthResponse, tags=["service"], responses=error_docs(500))
+    @app.get("/v1/healthz", response_model=HealthResponse, tags=["service"], responses=error_docs(*OPEN_ERRORS))
     async def healthz() -> HealthResponse:
         """The process answers (no API key needed)."""
         return HealthResponse()
 
     @app.get("/v1/readyz", response_model=ReadyResponse, tags=["service"],
              responses={503: {"model": ReadyResponse, "description": "not ready yet (or warm-up failed)"},
-                        **error_docs(500)})
+                        **error_docs(*OPEN_ERRORS)})
     async def readyz() -> JSONResponse:
         """Models loaded and warmed up (no API key needed). A model whose checkpoint was refused at
         start is listed as not ready; the server is ready for the others."""
@@ -49,7 +49,7 @@ def add_status_routes(app: FastAPI, service: Service, metrics: Metrics) -> None:
 
     @app.get("/v1/metrics", tags=["service"], response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}, **error_docs(401, 500)})
+                              "description": "Prometheus text format"}, **error_docs(*SERVICE_ERRORS)})
     async def metrics_endpoint() -> Response:
         """Prometheus metrics: requests, latencies, batch sizes, queue depth, errors."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
