@@ -94,6 +94,7 @@ TITLES = {
     "dgnet_cpu_run_id_cross_1": "DG-Net small preset with λ_id = 1.0 (run C)",
     "dgnet_cpu_run_milestones_0.6_0.9": "DG-Net small preset with the reference's lr drops (run A)",
     "dgnet_fast": "DG-Net in one CPU hour: the arms and the fast preset",
+    "dgnet_fast_mini": "DG-Net levers, second round: style, MLP and G/D learning rates (market1501_mini)",
     "dgnet_id_ramp": "DG-Net: L_id^c from the start against ramped in",
     "export_size": "DG-Net checkpoints: full against the inference export",
     "generate": "Batch generation: shard jobs against the raw generator",
@@ -439,6 +440,7 @@ def serve(d: dict) -> str:
 
 PAGES: dict[str, Callable[[dict], str]] = {
     "dgnet_fast": dgnet_fast,
+    "dgnet_fast_mini": dgnet_fast,
     "dgnet_cpu_run": dgnet_cpu_run,
     "dgnet_cpu_run_id_cross_1": dgnet_cpu_run,
     "dgnet_cpu_run_milestones_0.6_0.9": dgnet_cpu_run,
@@ -489,8 +491,8 @@ def names() -> list[str]:
 
 
 # -- blocks inside hand-written pages -----------------------------------------------------------
-def block_fast_arms() -> str:
-    d = load("dgnet_fast")
+def block_fast_arms(name: str = "dgnet_fast") -> str:
+    d = load(name)
     cols = [c for c in fast_columns(d) if c[1].get("n") == d.get("quality_n")]
     return figures_table(cols)
 
@@ -574,6 +576,7 @@ def block_readme_capabilities() -> str:
 
 BLOCKS: dict[str, Callable[[], str]] = {
     "dgnet_fast.arms": block_fast_arms,
+    "dgnet_fast_mini.arms": lambda: block_fast_arms("dgnet_fast_mini"),
     "dgnet_fast.long": block_fast_long,
     "dgnet_fast.reid": block_fast_reid,
     "crgan_quality.reid": lambda: crgan_reid(load("crgan_quality")),
