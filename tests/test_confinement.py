@@ -162,3 +162,22 @@ def test_a_folder_renamed_away_between_make_and_open_is_made_again(tmp_path, mon
     taken["times"] = 10**6
     with pytest.raises(NotConfined, match="renamed away"):
         Folder.below(tmp_path, ("other",), create=True)
+
+
+def test_serve_refuses_a_model_whose_symlink_leads_out_of_the_models_folder(tiny_dgnet, tmp_path):
+    """Item 1, the models root: a job naming such a model is refused, so `serve` refuses it too."""
+    import shutil
+
+    from generator_service.inference.engine import Engine
+
+    models, outside = tmp_path / "models", tmp_path / "outside"
+    models.mkdir()
+    outside.mkdir()
+    shutil.copyfile(tiny_dgnet["dgnet"], models / "inside.pt")
+    shutil.copyfile(tiny_dgnet["dgnet"], outside / "elsewhere.pt")
+    (models / "escape.pt").symlink_to(outside / "elsewhere.pt")
+    (models / "alias.pt").symlink_to(models / "inside.pt")  # a link that stays inside is the operator's choice
+    engine = Engine.from_models_dir(models, "cpu")
+    assert sorted(m.name for m in engine.models.values()) == ["alias", "inside"]
+    assert "leads outside the models folder" in engine.refused["escape"].reason
+    assert str(outside) not in engine.refused["escape"].reason and str(models) not in engine.refused["escape"].reason

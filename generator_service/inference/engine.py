@@ -172,11 +172,17 @@ def _load_served(name: str, path: Path, root: Path, device: torch.device,
     if not re.match(MODEL_NAME_PATTERN, name):
         raise ReidgenError(f"model name {name!r} (from {path.relative_to(root)}) must be letters, digits, "
                            f"'.', '_' or '-' (at most 128); rename the file or folder")
-    ckpt = Checkpoint.read(path, tuple(KINDS))
+    # The file is read at its real path, which must lie inside the models folder: a symbolic link
+    # that leads out of it is refused, as a job naming the same model is (`reidgen.core.paths`).
+    real, real_root = path.resolve(), root.resolve()
+    if not real.is_relative_to(real_root):
+        raise ReidgenError(f"{path.relative_to(root)} is a symbolic link that leads outside the models folder; "
+                           f"this server loads only files inside it")
+    ckpt = Checkpoint.read(real, tuple(KINDS))
     if not KINDS[ckpt.kind].endpoints:
         log.info("skipping %s: a %s model (no HTTP endpoint serves that kind)", path, KINDS[ckpt.kind].title)
         return None
-    return load_model(name, ckpt, root, device, mask_provider)
+    return load_model(name, ckpt, real_root, device, mask_provider)
 
 
 def _to_cpu(result):
