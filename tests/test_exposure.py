@@ -25,7 +25,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from api_schemas.service import ErrorBody
@@ -36,37 +35,9 @@ from generator_service.inference.kinds import SwapItem
 from reidgen.core.checkpoint import save_checkpoint
 from reidgen.core.market import link_subset
 from reidgen.core.paths import data_root
+from tests.live import Live
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class Live:
-    """``app`` served by uvicorn in a thread, on a free loopback port, as `reidgen serve` serves it."""
-
-    def __init__(self, app, settings: Settings):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Live:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/v1/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("the server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 def error_of(response: httpx.Response, status: int, code: str) -> str:

@@ -9,19 +9,16 @@ per operation (its time is printed; the file runs in well under a minute of one 
 """
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import jsonschema_rs
 import pytest
-import uvicorn
 
 from api_schemas.service import EXAMPLE_PNG_BLUE, EXAMPLE_PNG_RED
 from generator_service.http import Settings, create_app
-from generator_service.http.serve import uvicorn_config
 from generator_service.inference.engine import Engine
+from tests.live import Live
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,34 +26,6 @@ API_KEY = "schemathesis-key"
 AUTH = {"X-API-Key": API_KEY}
 JOB_ID = "0" * 32
 WAIT_S = 60  # a client's patience: on a shared machine the server's thread waits for a core
-
-
-class Live:
-    """``app`` served by uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app, settings: Settings):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn_config(app, settings, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Live:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/v1/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError("the server did not start")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

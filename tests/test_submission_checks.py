@@ -255,7 +255,7 @@ def answer_time(port: int, head: bytes, trickle: bool) -> tuple[float, bytes]:
 def test_the_body_deadline_is_the_configured_one():
     from generator_service.http import Settings, create_app
     from generator_service.inference.engine import Engine, ServedModel
-    from tests.test_exposure import Live
+    from tests.live import Live
 
     stand_in = ServedModel(name="stand-in", kind="dgnet", checkpoint="stand-in.pt", identity="0", step=None,
                            preset=None, image_size=(128, 64), net=None)

@@ -42,6 +42,7 @@ from worker.shards import (
     pack_record,
     read_shard_manifest,
     shard_done,
+    writing_in,
 )
 
 log = logging.getLogger("reidgen.worker")
@@ -269,7 +270,7 @@ def generate_shard(spec: JobSpec, index: int, out: str | Path, runtime: Runtime 
     if not 0 <= index < plan.shards:
         raise public_error(f"shard {index} does not exist; the plan has {plan.shards} shards")
     # The output folder, opened once: every write of the shard goes through this descriptor.
-    with open_out(out) as folder:
+    with open_out(out) as folder, writing_in(folder, out.shown):
         ensure_job_manifest_in(folder, JobManifest(spec=spec, plan_hash=plan.hash, shards=plan.shards,
                                                    records_planned=plan.records), out.shown)
         if shard_done(folder, index):

@@ -21,6 +21,7 @@ import json
 import os
 import struct
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,20 +169,12 @@ class OutPlace:
         ``out`` inside another job's folder (``ok1/shard-00000``) would mix its files with that
         job's. Each check is made through the descriptor of the folder it is about, the one the
         next part is then opened (or made) in: no name is looked up twice."""
-        folder = Folder.root(self.root)
-        try:
-            for depth, part in enumerate(self.parts):
-                if depth and folder.kind(JOB_FILE) is not None:
-                    job = "/".join(self.parts[:depth])
-                    raise _bad_out(self.shown, f"it lies inside the folder of another job ({job!r} holds a "
-                                               f"{JOB_FILE})")
-                inner = folder.sub(part, create)
-                folder.close()
-                folder = inner
-        except BaseException:
-            folder.close()
-            raise
-        return folder
+        def not_inside_a_job(folder: Folder, depth: int) -> None:
+            if depth and folder.kind(JOB_FILE) is not None:
+                job = "/".join(self.parts[:depth])
+                raise _bad_out(self.shown, f"it lies inside the folder of another job ({job!r} holds a {JOB_FILE})")
+
+        return Folder.below(self.root, self.parts, create, before_entering=not_inside_a_job)
 
 
 def _folder_of(out: str | Path | OutPlace | Folder) -> tuple[Folder, bool]:
@@ -273,6 +266,18 @@ def open_out(out: str | Path | OutPlace) -> Folder:
         if error is None:
             raise
         raise error from None
+
+
+@contextmanager
+def writing_in(folder: Folder, shown: str):
+    """Writes in an open output folder; one that someone removed meanwhile (a folder renamed over
+    it) is the client's error about ``out``, not an internal one."""
+    try:
+        yield folder
+    except FileNotFoundError:
+        if folder.removed():
+            raise _bad_out(shown, "it was removed while the job was writing in it") from None
+        raise
 
 
 def ensure_job_manifest_in(folder: Folder, manifest: JobManifest, shown: str) -> None:

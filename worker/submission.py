@@ -20,8 +20,6 @@ from reidgen.core.checkpoint_peek import checkpoint_kind
 from reidgen.core.errors import ReidgenError, public_error
 from worker.plans import Located
 
-TITLES = {"dgnet": "DG-Net", "crgan": "CR-GAN", "reid": "re-id"}
-
 
 def check_models(spec: JobSpec, located: Located, models_root: Path) -> None:
     """`ReidgenError` (400, naming the field) unless the spec's checkpoint, and its teacher when it
@@ -45,7 +43,9 @@ def _kind_of(located: Path, models_root: Path) -> str | None:
 
 
 def _no_model(field: str, name: str, kind: str, why: str, code: str) -> ReidgenError:
-    title = TITLES[kind]
+    from generator_service.inference.kinds import KINDS  # only on a refusal: it loads the model code
+
+    title = KINDS[kind].title
     return public_error(f"{field}: no reidgen {title} checkpoint named {name!r} on this server ({why}); give the "
                         f"name of a {title} checkpoint under its models root: NAME, NAME.pt or a run folder NAME",
                         code=code)

@@ -18,6 +18,7 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -41,12 +42,17 @@ class Folder:
         return cls(os.open(str(path), _DIR))
 
     @classmethod
-    def below(cls, root: str | Path, parts: tuple[str, ...], create: bool = False) -> Folder:
+    def below(cls, root: str | Path, parts: tuple[str, ...], create: bool = False,
+              before_entering: Callable[[Folder, int], None] | None = None) -> Folder:
         """The folder ``root/parts...``, each part opened without following a symlink; with
-        ``create``, missing parts are made. `NotConfined` when a part is a symlink or a file."""
+        ``create``, missing parts are made. `NotConfined` when a part is a symlink or a file.
+        ``before_entering(folder, depth)`` may refuse (raise) before ``parts[depth]`` is opened in
+        ``folder``: a check made through the very descriptor the next part is opened in."""
         folder = cls.root(root)
         try:
-            for part in parts:
+            for depth, part in enumerate(parts):
+                if before_entering is not None:
+                    before_entering(folder, depth)
                 inner = folder.sub(part, create)
                 folder.close()
                 folder = inner
@@ -165,6 +171,11 @@ class Folder:
         name = f"{prefix}{uuid.uuid4().hex[:12]}"
         os.mkdir(self._one(name), 0o700, dir_fd=self.fd)
         return name, self.sub(name)
+
+    def removed(self) -> bool:
+        """Whether this folder was removed while open (renamed over, or deleted): nothing more can
+        be created in it."""
+        return os.fstat(self.fd).st_nlink == 0
 
     def chmod(self, mode: int) -> None:
         os.fchmod(self.fd, mode)
