@@ -44,9 +44,12 @@ def make_checkpoint(data: str, preset: str, root: Path) -> str:
 def raw_throughput(runtime, plan, batch: int, seconds: float, teacher: bool) -> float:
     """Images/s of the engine (and optionally the teacher) on the job's own first batches,
     decoded beforehand and kept in memory, run over and over."""
-    from worker.run import _load_batch, synthesize
+    from worker.run import _load_batch, _ShardPairs, synthesize
 
-    batches = [_load_batch(plan, runtime.model, list(range(i, i + batch))) for i in range(0, 4 * batch, batch)]
+    records = range(min(4 * batch, plan.records))  # the plan's first records
+    pairs = _ShardPairs(plan, records)
+    batches = [_load_batch(plan, pairs, runtime.model, list(records[i:i + batch]))
+               for i in range(0, len(records), batch)]
     synthesizer = runtime.synthesizer
     saved, synthesizer.teacher = synthesizer.teacher, (synthesizer.teacher if teacher else None)
     try:
