@@ -168,6 +168,7 @@ class Service:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.ready_seconds = args.ready_seconds
         cmd = [sys.executable, __file__, "--child-fd", str(self.sock.fileno()), "--models", str(models),
                "--device", args.device, "--threads", str(args.threads), "--max-batch", str(args.max_batch),
                "--max-wait-ms", str(args.max_wait_ms), "--queue-size", str(args.queue_size)]
@@ -178,7 +179,7 @@ class Service:
 
         # Wait for readiness (models loaded, warm-up done) with a deadline, in 1 s slices so that
         # a child that dies is noticed at once rather than after the whole deadline.
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.ready_seconds
         try:
             with ServiceClient(self.url, timeout=5) as client:
                 while True:
@@ -190,7 +191,8 @@ class Service:
                             raise RuntimeError(f"the service exited (code {self.proc.returncode}) before it "
                                                f"was ready") from exc
                         if time.monotonic() >= deadline:
-                            raise TimeoutError(f"the service at {self.url} was not ready within 120 s") from exc
+                            raise TimeoutError(f"the service at {self.url} was not ready within "
+                                               f"{self.ready_seconds:g} s") from exc
         except BaseException:
             self.__exit__()  # `with` does not call __exit__ when __enter__ fails
             raise
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="the service's --max-batch (reidgen serve default)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="the service's --max-wait-ms (default)")
     ap.add_argument("--queue-size", type=int, default=64, help="the service's --queue-size (default)")
+    ap.add_argument("--ready-seconds", type=float, default=120.0,
+                    help="how long a service may take to load its models and warm up before the run fails")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-batching", action="store_true", help=argparse.SUPPRESS)
