@@ -29,6 +29,7 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -998,4 +999,100 @@ def test_e2e_script_parses_and_is_not_part_of_make_test():
     # It tears down what it started (containers and volumes) and talks to loopback only.
     assert re.search(r"down -v\b", text) and "trap cleanup EXIT" in text
     assert re.findall(r"http://([\w.]+):", text) == ["127.0.0.1"] * len(re.findall(r"http://([\w.]+):", text))
-    assert r'ports: !override [\"127.0.0.1:$PORT:8000\"]' in text  # the api published on loopback only
+    assert re.search(r"^export API_PORT=127\.0\.0\.1:8000$", text, re.M)  # the api on loopback only
+
+
+# -- the deployment page's command blocks: what the e2e runs ----------------------------------------------
+PAGE = REPO / "docs" / "deployment.md"
+
+
+@functools.cache
+def page_blocks():
+    spec = importlib.util.spec_from_file_location("page_blocks", REPO / "docker" / "page_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["page_blocks"] = module  # (its dataclass looks its module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def page_commands(block) -> list[str]:
+    """The commands of a block, one a line: continuation lines joined, comments and blanks dropped."""
+    text = re.sub(r"\\\n\s*", " ", block.text)
+    return [line.split(" #")[0].strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_every_command_block_of_the_deployment_page_is_marked():
+    """Each shell block is either run by the e2e under a name or says why not: a new block cannot
+    slip past the e2e unnoticed."""
+    shell = [b for b in page_blocks().blocks(PAGE.read_text()) if b.lang in ("bash", "sh", "shell", "console")]
+    unmarked = [b.line for b in shell if not b.name and not b.skip]
+    assert not unmarked, ("docs/deployment.md: shell blocks without <!-- e2e: NAME --> or "
+                          f"<!-- e2e: skip, WHY --> at lines {unmarked}")
+    assert len([b for b in shell if b.name]) >= 8
+
+
+def test_the_e2e_runs_the_pages_blocks_in_the_pages_order():
+    """docker/e2e.sh follows the page: its `run_block NAME` lines are the page's marked blocks, each
+    once, in the page's order; it runs them as extracted, with no copy of their commands."""
+    page = [b.name for b in page_blocks().steps(PAGE.read_text())]
+    e2e = re.findall(r"^run_block ([\w-]+)", (REPO / "docker" / "e2e.sh").read_text(), re.M)
+    assert e2e == page
+
+
+def test_the_block_extractor_reads_markers_and_refuses_duplicates(tmp_path):
+    pb = page_blocks()
+    text = ("<!-- e2e: one -->\n```bash\necho 1\n```\n\n<!-- e2e: skip, slow -->\n\n```bash\nsleep 9\n```\n"
+            "text\n\n```bash\nunmarked\n```\n<!-- e2e: two -->\nsome prose\n```bash\nnot two\n```\n")
+    blocks = pb.blocks(text)
+    assert [(b.name, b.skip, b.text) for b in blocks] == [
+        ("one", None, "echo 1\n"), (None, "slow", "sleep 9\n"), (None, None, "unmarked\n"), (None, None, "not two\n")]
+    with pytest.raises(ValueError, match="twice"):
+        pb.steps(text + "<!-- e2e: one -->\n```bash\necho 2\n```\n")
+    page = tmp_path / "page.md"
+    page.write_text(text)
+    run = lambda *a: subprocess.run(["python3", str(REPO / "docker" / "page_blocks.py"), str(page), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=30)
+    assert run().stdout == "one\n"
+    assert run("one").stdout == "echo 1\n"
+    assert run("two").returncode == 1
+
+
+def test_the_pages_blocks_parse_and_assume_nothing_a_new_user_lacks():
+    """Every block the e2e runs parses with bash; none needs sudo or a placeholder to fill in; every
+    `docker compose` command takes its files from .env (COMPOSE_FILE), never from -f."""
+    for block in page_blocks().steps(PAGE.read_text()):
+        assert subprocess.run(["bash", "-n"], input=block.text, text=True).returncode == 0, block.name
+        for command in page_commands(block):
+            assert not re.search(r"\bsudo\b", command), (block.name, command)
+            assert "..." not in command and "JOB_ID" not in command, (block.name, command)
+            if "docker compose" in command:
+                assert not re.search(r"docker compose .*(^|\s)(-f|--file)\s", command), (block.name, command)
+
+
+def test_the_pages_trainer_commands_parse_with_the_cli():
+    """`docker compose run --rm trainer ARGS` on the page: ARGS is a `reidgen` command line."""
+    seen = 0
+    for block in page_blocks().blocks(PAGE.read_text()):
+        for command in page_commands(block):
+            m = re.match(r"docker compose run --rm trainer (.+)$", command)
+            if m:
+                parse_reidgen(shlex.split(m.group(1)))
+                seen += 1
+    assert seen >= 6
+
+
+def test_the_pages_down_names_every_profile_and_its_ports_are_the_defaults():
+    """`down` stops only the services of the profiles it names (a Flower left running otherwise);
+    the curl commands use the ports docker-compose.yml publishes by default."""
+    profiles = {p for svc in compose()["services"].values() for p in svc.get("profiles", [])}
+    commands = [c for b in page_blocks().steps(PAGE.read_text()) for c in page_commands(b)]
+    downs = [c for c in commands if re.match(r"docker compose .*\bdown\b", c)]
+    assert downs and any(" -v" in c for c in downs)
+    for command in downs:
+        assert set(re.findall(r"--profile (\S+)", command)) == profiles, command
+    env = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+               if line and not line.startswith("#"))
+    ports = set(re.findall(r"https?://(?:localhost|127\.0\.0\.1):(\d+)", PAGE.read_text()))
+    assert ports == {env["API_PORT"], env["FLOWER_PORT"]}
+    assert "COMPOSE_FILE=docker-compose.yml:docker-compose.cpu.yml" in page_blocks().steps(PAGE.read_text())[0].text
