@@ -41,6 +41,15 @@ ARMS: dict[str, dict] = {
     "perc_idf_lr4": {"perc": 1.0, "id_recon": 1.0, "lr_gen": 4e-4},
     "perc_idf_style_lr4": {"perc": 1.0, "id_recon": 1.0, "style": 1.0, "lr_gen": 4e-4},
     "perc01_idf_style_lr4": {"perc": 0.1, "id_recon": 1.0, "style": 1.0, "lr_gen": 4e-4},
+    # The third round, over the fast preset of the second (perc + idf + lr 4e-4): how the appearance
+    # code reaches G. The code standardised before the MLPs; region-adaptive (banded) AdaIN; the
+    # appearance-modulated RGB head; and their combinations.
+    "lr4_code_norm": {"perc": 1.0, "id_recon": 1.0, "lr_gen": 4e-4, "code_norm": True},
+    "lr4_bands": {"perc": 1.0, "id_recon": 1.0, "lr_gen": 4e-4, "adain_bands": True},
+    "lr4_bands_code_norm": {"perc": 1.0, "id_recon": 1.0, "lr_gen": 4e-4, "adain_bands": True, "code_norm": True},
+    "lr4_bands_rgb": {"perc": 1.0, "id_recon": 1.0, "lr_gen": 4e-4, "adain_bands": True, "rgb_modulation": True},
+    "lr4_bands_code_norm_rgb": {"perc": 1.0, "id_recon": 1.0, "lr_gen": 4e-4, "adain_bands": True,
+                                "code_norm": True, "rgb_modulation": True},
 }
 
 # The cheap figures the trainer logs on 64 fixed training images (every --quality-every iterations).

@@ -20,6 +20,11 @@ def test_set_values_are_read_as_json_when_they_are():
     assert got == {"id_cross": 1.0, "milestones": (0.5, 0.9), "feed": False, "teacher": "runs/t", "lr_gen": 2e-4}
     cfg = with_overrides(DGNET_TRAIN_PRESETS["small"], **got)
     assert cfg.weights.id_cross == 1.0 and cfg.milestones == (0.5, 0.9) and cfg.feed is False
+    # Two levels down: the generator's fields inside the model's configuration.
+    deep = with_overrides(DGNET_TRAIN_PRESETS["small"], **parse_settings(["adain_bands=true", "backbone=resnet50"],
+                                                                         names))
+    assert deep.model.generator.adain_bands is True and deep.model.backbone == "resnet50"
+    assert deep.model.generator.image_size == DGNET_TRAIN_PRESETS["small"].model.generator.image_size
 
 
 @pytest.mark.parametrize("pair, words", [("id_cros=1", "did you mean id_cross"), ("id_cross", "expected KEY=VALUE"),

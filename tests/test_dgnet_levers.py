@@ -209,9 +209,100 @@ def test_cheap_quality_reports_the_judge_beside_the_teacher(data6, teacher6, jud
 
 
 def test_the_fast_preset_is_the_small_one_with_its_levers_and_the_paper_preset_keeps_the_reference():
+    from dataclasses import replace
+
     fast, small, paper = (dgnet_preset_config(name) for name in ("fast", "small", "paper"))
     assert (fast.weights.perc, fast.weights.id_recon, fast.weights.style) == (1.0, 1.0, 0.0)
-    assert fast.lr_gen == 4 * small.lr_gen == 4e-4 and fast.model == small.model
+    assert fast.lr_gen == 4 * small.lr_gen == 4e-4 and fast.model.backbone == small.model.backbone
+    assert fast.model.generator == replace(small.model.generator, adain_bands=True, rgb_modulation=True)
+    assert not (paper.model.generator.adain_bands or paper.model.generator.rgb_modulation
+                or paper.model.generator.code_norm)
     assert (paper.lr_gen, paper.lr_mlp_mult, paper.diffaugment) == (1e-4, 1.0, "")
     assert paper.model.discriminator == "multiscale"
     assert (paper.weights.perc, paper.weights.id_recon, paper.weights.style) == (0.0, 0.0, 0.0)
+
+
+def test_code_norm_sees_what_tells_people_apart_not_what_they_share():
+    from dataclasses import replace
+
+    from generator_service.models.dgnet_nets import PRESETS, Decoder
+
+    cfg = replace(PRESETS["small"], code_norm=True)
+    torch.manual_seed(0)
+    dec = Decoder(cfg)
+    codes = torch.rand(6, cfg.appearance_channels, cfg.appearance_parts, 1)
+    structure = torch.randn(6, cfg.structure_channels, *cfg.structure_size)
+    shared = 5.0 * torch.rand(1, cfg.appearance_channels, cfg.appearance_parts, 1)
+    # Training: a shift every person shares changes nothing; a difference between people does.
+    out = dec(codes, structure)
+    torch.testing.assert_close(dec(codes + shared, structure), out, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(dec(codes.flip(0), structure), out, atol=1e-3)
+    out.abs().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.mlps.parameters())
+    # Inference uses the running statistics: one image alone decodes, and as it did in its batch.
+    dec.eval()
+    with torch.no_grad():
+        batch = dec(codes, structure)
+        torch.testing.assert_close(dec(codes[:1], structure[:1]), batch[:1], rtol=1e-4, atol=1e-4)
+    # Off in the presets that exist: the reference recipe and the checkpoints saved without it.
+    assert not PRESETS["paper"].code_norm and not PRESETS["small"].code_norm
+    assert Decoder(PRESETS["small"]).code_norm is None
+
+
+def test_banded_adain_gives_each_stripe_of_the_body_its_own_part():
+    from dataclasses import replace
+
+    from generator_service.models.dgnet_nets import PRESETS, Decoder, adain
+
+    cfg = replace(PRESETS["small"], adain_bands=True)
+    torch.manual_seed(0)
+    dec = Decoder(cfg)
+    code = torch.rand(2, cfg.appearance_channels, cfg.appearance_parts, 1)
+    changed = code.clone()
+    changed[:, :, -1] += 1.0  # the bottom part only
+    params, params_changed = dec.adain_params(code), dec.adain_params(changed)
+    assert params[0][0].shape == (2, cfg.structure_channels, cfg.appearance_parts)
+    # One AdaIN layer: the rows above the second stripe's centre take the top part's values alone.
+    x = torch.randn(2, cfg.structure_channels, *cfg.structure_size)
+    top = cfg.structure_size[0] // (2 * cfg.appearance_parts)
+    y, y_changed = adain(x, *params[0], True), adain(x, *params_changed[0], True)
+    torch.testing.assert_close(y[:, :, :top], y_changed[:, :, :top])
+    assert not torch.allclose(y[:, :, -top:], y_changed[:, :, -top:])
+    # The whole decoder: the bottom part's change lands in the bottom of the image far more than the top.
+    s = torch.randn(2, cfg.structure_channels, *cfg.structure_size)
+    with torch.no_grad():
+        diff = (dec(changed, s) - dec(code, s)).abs().mean(dim=(0, 1, 3))
+    quarter = diff.shape[0] // 4
+    assert diff[-quarter:].mean() > 3 * diff[:quarter].mean()
+    # Off in the presets that exist: the reference recipe (block k reads part k) is unchanged.
+    assert not PRESETS["paper"].adain_bands and not PRESETS["small"].adain_bands
+
+
+def test_rgb_modulation_starts_at_zero_and_colours_each_stripe_from_its_own_part():
+    from dataclasses import replace
+
+    from generator_service.models.dgnet_nets import PRESETS, Decoder, reference_init
+
+    plain_cfg = PRESETS["small"]
+    cfg = replace(plain_cfg, rgb_modulation=True)
+    torch.manual_seed(0)
+    dec = Decoder(cfg)
+    reference_init([dec], None)  # the trainer's initial weights leave the offsets at zero
+    plain = Decoder(plain_cfg)
+    plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith("rgb_offsets.")})
+    code = torch.rand(2, cfg.appearance_channels, cfg.appearance_parts, 1)
+    s = torch.randn(2, cfg.structure_channels, *cfg.structure_size)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(code, s), plain(code, s))
+    # Trained: the bottom part's code recolours the bottom rows and leaves the top stripe alone.
+    dec(code, s).abs().mean().backward()
+    assert dec.rgb_offsets.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        dec.rgb_offsets.weight.normal_()
+        features = torch.randn(2, cfg.dec_up_channels[-1], *cfg.image_size)
+        parts = torch.rand(2, cfg.appearance_parts, cfg.appearance_channels)
+        changed = parts.clone()
+        changed[:, -1] += 1.0
+        diff = (dec.rgb_offsets(changed, features) - dec.rgb_offsets(parts, features)).abs().mean(dim=(0, 1, 3))
+    top = cfg.image_size[0] // (2 * cfg.appearance_parts)
+    assert diff[:top].max() == 0 and diff[-top:].min() > 0

@@ -72,6 +72,7 @@ def build_discriminator(cfg: DGNetConfig) -> nn.Module:
 DGNET_PRESETS: dict[str, DGNetConfig] = {
     "paper": DGNetConfig(preset="paper", backbone="resnet50", generator=GENERATOR_PRESETS["paper"]),
     "small": DGNetConfig(preset="small", backbone="efficientnet_lite0", generator=GENERATOR_PRESETS["small"]),
+    "fast": DGNetConfig(preset="fast", backbone="efficientnet_lite0", generator=GENERATOR_PRESETS["fast"]),
 }
 
 

@@ -59,6 +59,20 @@ class GeneratorConfig:
     # One MLP per AdaIN layer (2 per residual block): appearance part -> (scale, bias).
     mlp_hidden: int = 512
     mlp_layers: int = 3  # number of Linear layers (2048 -> 512 -> 512 -> 256 is 3)
+    # Standardise every (channel, part) of the appearance code over the batch before the MLPs
+    # (running statistics in eval mode), so that the MLPs see what tells people apart, each channel
+    # at unit scale, rather than the max-pooled features' raw, sparse values. Off in the paper.
+    code_norm: bool = False
+    # Region-adaptive AdaIN: every AdaIN layer reads all the parts, and its (scale, bias) varies
+    # over the height, part p's values at stripe p's centre and linear in between (per-region
+    # styles, as in SEAN). Off in the paper, where block k reads part k and its parameters act on
+    # the whole image: G must then learn which code belongs to which rows of the body.
+    adain_bands: bool = False
+    # Appearance-modulated RGB head: the last 1x1 conv's weights and bias get an appearance-dependent
+    # offset, per part and stretched over the height as the banded AdaIN (StyleGAN2's modulated toRGB
+    # with per-region styles). Zero at initialisation. It gives colour a one-layer path from the
+    # code to the pixels, where the AdaIN path is deep and learns it slowly. Off in the paper.
+    rgb_modulation: bool = False
     # ---- layout: how the same parameters are used (see LAYOUTS). The defaults are the project
     # layout, so that a saved configuration without these fields keeps meaning what it meant.
     # AdaIN scale parameterisation: True -> IN(x) * (1 + s) + b, False -> IN(x) * s + b (reference).
@@ -177,7 +191,12 @@ SMALL = GeneratorConfig(
     dis_scales=2,
 )
 
-PRESETS: dict[str, GeneratorConfig] = {"paper": PAPER, "small": SMALL}
+# The small network with a short path for the appearance code into G (issue 22's third round of
+# levers, docs/dgnet/fast.md): each stripe of the body styled by its own part of the code, and the
+# colours one layer from it. Trained by the `fast` training preset.
+FAST = replace(SMALL, adain_bands=True, rgb_modulation=True)
+
+PRESETS: dict[str, GeneratorConfig] = {"paper": PAPER, "small": SMALL, "fast": FAST}
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,10 +323,16 @@ class StructureEncoder(nn.Module):
 
 
 def adain(x: Tensor, scale: Tensor, bias: Tensor, scale_offset: bool) -> Tensor:
-    """Adaptive instance norm: per-sample, per-channel statistics replaced by (scale, bias),
-    both (B, C) and predicted from the appearance code."""
+    """Adaptive instance norm: per-sample, per-channel statistics replaced by (scale, bias)
+    predicted from the appearance code, either (B, C) for the whole image, or (B, C, P): P values
+    down the height, stretched linearly over it (region-adaptive)."""
+    if scale.dim() == 3:
+        scale, bias = (F.interpolate(t, size=x.shape[2], mode="linear", align_corners=False)[..., None]
+                       for t in (scale, bias))
+    else:
+        scale, bias = scale[:, :, None, None], bias[:, :, None, None]
     gain = 1.0 + scale if scale_offset else scale
-    return F.instance_norm(x) * gain[:, :, None, None] + bias[:, :, None, None]
+    return F.instance_norm(x) * gain + bias
 
 
 class AdaINResBlock(nn.Module):
@@ -391,6 +416,29 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
+class RGBOffsets(nn.Module):
+    """The appearance-modulated part of G's RGB head (``rgb_modulation``): per part, offsets of
+    the 1x1 RGB conv's (3 x C) weights and 3 biases, linear in the part's code, stretched over the
+    height as the banded AdaIN. Zero at initialisation (``reference_init`` leaves it so: it is not
+    an ``nn.Linear``), so G starts as it would without it. The weights are scaled by
+    1/sqrt(code channels) when used (StyleGAN's equalised learning rate): Adam moves every weight by
+    about its learning rate per step, and over a code of a thousand channels unscaled steps would
+    swing the colours by tenths of a unit at each one."""
+
+    def __init__(self, appearance_channels: int, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3 * (channels + 1), appearance_channels))
+        self.bias = nn.Parameter(torch.zeros(3 * (channels + 1)))
+        self.gain = appearance_channels ** -0.5
+
+    def forward(self, parts: Tensor, features: Tensor) -> Tensor:
+        b, ch, h, _ = features.shape
+        offsets = F.linear(parts, self.weight * self.gain, self.bias)  # (B, P, 3 (C + 1))
+        rows = F.interpolate(offsets.transpose(1, 2), size=h, mode="linear", align_corners=False)
+        rows = rows.reshape(b, 3, ch + 1, h)
+        return torch.einsum("bckh,bkhw->bchw", rows[:, :, :ch], features) + rows[:, :, ch, :, None]
+
+
 class Decoder(nn.Module):
     """G: (appearance code, structure code) -> image in normalised space (no tanh).
 
@@ -410,6 +458,8 @@ class Decoder(nn.Module):
         ch = cfg.structure_channels
         self.mlps = nn.ModuleList([mlp(cfg.appearance_channels, cfg.mlp_hidden, 2 * ch, cfg.mlp_layers)
                                    for _ in range(cfg.n_mlps)])
+        self.code_norm = (nn.BatchNorm1d(cfg.appearance_channels * cfg.appearance_parts, affine=False)
+                          if cfg.code_norm else None)
         self.res_blocks = nn.ModuleList([AdaINResBlock(ch, cfg.adain_scale_offset)
                                          for _ in range(cfg.dec_res_blocks)])
         unbiased = cfg.layer_norm == "unbiased_std"
@@ -424,6 +474,7 @@ class Decoder(nn.Module):
             head += [conv(ch, ch, 3), lrelu()]
         head.append(conv(ch, 3, 1))
         self.head = nn.Sequential(*head)
+        self.rgb_offsets = RGBOffsets(cfg.appearance_channels, ch) if cfg.rgb_modulation else None
 
     def parameter_counts(self) -> dict[str, int]:
         """{'decoder': convolutional part, 'mlps': AdaIN MLPs}, the split REFERENCE.md uses."""
@@ -438,32 +489,46 @@ class Decoder(nn.Module):
             code = code.flatten(1)
         elif not (code.dim() == 2 and code.shape[1] == c * p):
             raise ValueError(f"appearance code must be (B,{c},{p},1) or (B,{c * p}), got {tuple(code.shape)}")
+        if self.code_norm is not None:
+            code = self.code_norm(code)
         if self.cfg.appearance_chunks == "channel_major":
             return code.view(code.shape[0], p, c)
         return code.view(code.shape[0], c, p).transpose(1, 2)
 
     def adain_params(self, appearance_code: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """One (scale, bias) pair per AdaIN layer, in decoder order."""
-        parts = self._parts(appearance_code)
-        cfg, out = self.cfg, []
+        """One (scale, bias) pair per AdaIN layer, in decoder order: (B, C) each, or (B, C, P)
+        with ``adain_bands`` (one column per part, top to bottom)."""
+        return self._adain_params(self._parts(appearance_code))
+
+    def _adain_params(self, parts: Tensor) -> list[tuple[Tensor, Tensor]]:
+        cfg = self.cfg
+
+        def run(net: nn.Module, block: int) -> tuple[Tensor, Tensor]:
+            if cfg.adain_bands:  # (B, P, 2C) -> two (B, C, P)
+                first, second = net(parts).chunk(2, dim=-1)
+                return first.transpose(1, 2), second.transpose(1, 2)
+            first, second = net(parts[:, cfg.part_of_block(block)]).chunk(2, dim=-1)
+            return first, second
+
+        out = []
         if cfg.mlp_grouping == "per_block":
             n = cfg.dec_res_blocks
             for k in range(n):
-                chunk = parts[:, cfg.part_of_block(k)]
-                scales, biases = self.mlps[k](chunk).chunk(2, dim=1), self.mlps[n + k](chunk).chunk(2, dim=1)
+                scales, biases = run(self.mlps[k], k), run(self.mlps[n + k], k)
                 out += [(scales[0], biases[0]), (scales[1], biases[1])]
             return out
-        for m, net in enumerate(self.mlps):
-            scale, bias = net(parts[:, cfg.part_of_block(m // 2)]).chunk(2, dim=1)
-            out.append((scale, bias))
-        return out
+        return [run(net, m // 2) for m, net in enumerate(self.mlps)]
 
     def forward(self, appearance_code: Tensor, structure_code: Tensor) -> Tensor:
-        params = self.adain_params(appearance_code)
+        parts = self._parts(appearance_code)
+        params = self._adain_params(parts)
         x = structure_code
         for k, block in enumerate(self.res_blocks):
             x = block(x, params[2 * k], params[2 * k + 1])
-        return self.head(self.upsample(x))
+        if self.rgb_offsets is None:
+            return self.head(self.upsample(x))
+        features = self.head[:-1](self.upsample(x))
+        return self.head[-1](features) + self.rgb_offsets(parts, features)
 
 
 # --------------------------------------------------------------------------------------------

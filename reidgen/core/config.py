@@ -46,31 +46,31 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**kwargs)
 
 
+def _nested(cfg: Any) -> list[str]:
+    """Names of the fields of ``cfg`` that are configurations themselves."""
+    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+
+
 def with_overrides(cfg: T, **overrides) -> T:
     """Replace fields; a key that is not a field of ``cfg`` goes to the nested configuration
-    that has it (e.g. ``backbone`` → ``cfg.model.backbone``)."""
+    that has it, at any depth (e.g. ``backbone`` → ``cfg.model.backbone``, ``code_norm`` →
+    ``cfg.model.generator.code_norm``)."""
     own = {f.name for f in dataclasses.fields(cfg)}
     direct = {k: v for k, v in overrides.items() if k in own}
     for key in set(overrides) - own:
-        nested = [f.name for f in dataclasses.fields(cfg)
-                  if dataclasses.is_dataclass(getattr(cfg, f.name))
-                  and key in {g.name for g in dataclasses.fields(getattr(cfg, f.name))}]
-        if not nested:
+        holder = next((name for name in _nested(cfg) if key in setting_names(getattr(cfg, name))), None)
+        if holder is None:
             raise ValueError(f"{type(cfg).__name__} has no setting {key!r}")
-        inner = direct.get(nested[0], getattr(cfg, nested[0]))
-        direct[nested[0]] = dataclasses.replace(inner, **{key: overrides[key]})
+        direct[holder] = with_overrides(direct.get(holder, getattr(cfg, holder)), **{key: overrides[key]})
     return dataclasses.replace(cfg, **direct)
 
 
 def setting_names(cfg: Any) -> set[str]:
     """The names `with_overrides` accepts for ``cfg``: its own fields and those of its nested
-    configurations (one level, as `with_overrides` resolves them)."""
-    names = set()
-    for f in dataclasses.fields(cfg):
-        names.add(f.name)
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            names |= {g.name for g in dataclasses.fields(value)}
+    configurations, at any depth."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for name in _nested(cfg):
+        names |= setting_names(getattr(cfg, name))
     return names
 
 

@@ -146,14 +146,17 @@ DGNET_TRAIN_PRESETS = {
                               sum_over_loaders=False, weights=LossWeights(adv=1.0), ea_from_teacher=True,
                               milestones=(0.9,)),
 }
-# The fast preset (issue 22): the small preset with the perceptual and identity losses on the
-# reconstructions and four times the reference's Adam learning rate for E_s, G and D, the levers
-# that converged fastest on a CPU, measured side by side at equal compute (docs/dgnet/fast.md;
-# bench/dgnet_fast.py). 1e-4 is the reference's rate for 100K iterations; in a few hundred, G moves
-# too little at it (200 iterations on market1501_mini: FID 332 → 288, SSIM 0.55 → 0.69 at 4e-4).
+# The fast preset (issue 22): the small preset with the levers that converged fastest on a CPU,
+# measured side by side at equal compute (docs/dgnet/fast.md; bench/dgnet_fast.py), in three rounds:
+# 1. the perceptual and identity losses on the reconstructions;
+# 2. four times the reference's Adam learning rate for E_s, G and D (1e-4 is meant for 100K
+#    iterations; in a few hundred G moves too little: FID 332 -> 288 at 200 iterations on mini);
+# 3. a short path for the appearance code into G: region-adaptive AdaIN (each stripe of the body
+#    styled by its own part of the code) and the appearance-modulated RGB head. Without them the
+#    swaps take the column's pose and the row's brightness, not its colours.
 # The projected D with DiffAugment drew stripe textures in its first hundred iterations, and the
 # banded style loss changed no figure beyond noise, so both stay settings.
-DGNET_TRAIN_PRESETS["fast"] = replace(DGNET_TRAIN_PRESETS["small"], lr_gen=4e-4,
+DGNET_TRAIN_PRESETS["fast"] = replace(DGNET_TRAIN_PRESETS["small"], model=DGNET_PRESETS["fast"], lr_gen=4e-4,
                                       weights=replace(DGNET_TRAIN_PRESETS["small"].weights, perc=1.0, id_recon=1.0))
 
 
