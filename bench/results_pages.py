@@ -95,6 +95,9 @@ TITLES = {
     "dgnet_cpu_run_milestones_0.6_0.9": "DG-Net small preset with the reference's lr drops (run A)",
     "dgnet_fast": "DG-Net in one CPU hour: the arms and the fast preset",
     "dgnet_fast_mini": "DG-Net levers, second round: style, MLP and G/D learning rates (market1501_mini)",
+    "dgnet_fast_mini_round3": "DG-Net levers, third round: how the appearance code reaches G (market1501_mini)",
+    "dgnet_profile_paper_fp32": "DG-Net paper preset: one CPU iteration profiled, fp32",
+    "dgnet_profile_paper_bf16": "DG-Net paper preset: one CPU iteration profiled, bf16 autocast",
     "dgnet_id_ramp": "DG-Net: L_id^c from the start against ramped in",
     "export_size": "DG-Net checkpoints: full against the inference export",
     "generate": "Batch generation: shard jobs against the raw generator",
@@ -280,6 +283,25 @@ def dgnet_speed(d: dict) -> str:
     return out
 
 
+def dgnet_profile(d: dict) -> str:
+    """One profiled iteration: milliseconds by network and pass, then by phase."""
+    by = d["ms_by_network_and_pass"]
+    total = d["iteration_ms"]
+    def ms(net: str, kind: str) -> float:
+        return by.get(f"{net}/{kind}", 0.0)
+
+    nets = sorted({k.split("/")[0] for k in by}, key=lambda n: -(ms(n, "forward") + ms(n, "backward")))
+    rows = [[n, f"{ms(n, 'forward'):.0f}", f"{ms(n, 'backward'):.0f}",
+             f"{100 * (ms(n, 'forward') + ms(n, 'backward')) / total:.1f} %"] for n in nets]
+    out = (f"{d['preset']} preset, {d['precision']}, batch {d['batch_per_loader']} per loader, "
+           f"{d['iterations_profiled']} iteration(s) profiled after {d['warmup']} of warm-up: "
+           f"{total:.0f} ms per iteration in its phases.\n\n")
+    out += table(["network", "forward ms", "backward ms", "share"], rows) + "\n\n"
+    out += table(["phase", "ms", "share"], [[k, f"{v:.0f}", f"{100 * v / total:.1f} %"]
+                                           for k, v in d["ms_by_phase"].items()])
+    return out + "\n"
+
+
 def dgnet_cpu_run(d: dict) -> str:
     cols = [(f"{part} ({d[part]['step']:,})", d[part]) for part in ("start", "middle", "final") if part in d]
     out = f"{d['iterations']:,} iterations, {d['train_hours']:.2f} h of training; quality at n = {d['quality_n']}.\n\n"
@@ -441,6 +463,9 @@ def serve(d: dict) -> str:
 PAGES: dict[str, Callable[[dict], str]] = {
     "dgnet_fast": dgnet_fast,
     "dgnet_fast_mini": dgnet_fast,
+    "dgnet_fast_mini_round3": dgnet_fast,
+    "dgnet_profile_paper_fp32": dgnet_profile,
+    "dgnet_profile_paper_bf16": dgnet_profile,
     "dgnet_cpu_run": dgnet_cpu_run,
     "dgnet_cpu_run_id_cross_1": dgnet_cpu_run,
     "dgnet_cpu_run_milestones_0.6_0.9": dgnet_cpu_run,
@@ -488,6 +513,25 @@ def renderer(name: str) -> Callable[[dict], str]:
 def mini_fid(arm: str) -> float:
     """An arm's FID in the second round of levers (dgnet_fast_mini)."""
     return load("dgnet_fast_mini")["arms"][arm]["final"]["fid"]
+
+
+def block_dgnet_profile() -> str:
+    """The paper preset's profiled iteration, fp32 beside bf16, by network and pass."""
+    runs = {p: load(f"dgnet_profile_paper_{p}") for p in ("fp32", "bf16")
+            if (RESULTS / f"dgnet_profile_paper_{p}.json").is_file()}
+    nets = sorted({k.split("/")[0] for d in runs.values() for k in d["ms_by_network_and_pass"]},
+                  key=lambda n: -sum(v for k, v in runs["fp32"]["ms_by_network_and_pass"].items()
+                                     if k.startswith(n + "/")))
+    header = ["network"] + [f"{p} {kind} s" for p in runs for kind in ("forward", "backward")]
+    rows = [[n] + [f"{d['ms_by_network_and_pass'].get(f'{n}/{kind}', 0) / 1e3:.1f}"
+                   for d in runs.values() for kind in ("forward", "backward")] for n in nets]
+    rows.append(["**iteration**"] + [x for d in runs.values() for x in (f"**{d['iteration_ms'] / 1e3:.1f}**", "")])
+    return table(header, rows)
+
+
+def round3(arm: str, figure: str) -> float:
+    """An arm's final figure in the third round of levers (dgnet_fast_mini_round3)."""
+    return load("dgnet_fast_mini_round3")["arms"][arm]["final"][figure]
 
 
 def names() -> list[str]:
@@ -559,7 +603,9 @@ def block_readme_capabilities() -> str:
          f"perceptual + identity losses: FID {ff['fid']:.1f} after {ff['step']} iterations on Market-1501 "
          f"({ff['cpu_minutes']:.0f} CPU-minutes), run B's {runb['final']['fid']:.1f} after {runb['iterations']:,}; "
          f"adding the preset's Adam at 4e-4 on market1501_mini: FID {mini_fid('perc_idf'):.1f} → "
-         f"{mini_fid('perc_idf_lr4'):.1f} at equal compute"],
+         f"{mini_fid('perc_idf_lr4'):.1f} at equal compute; then banded AdaIN and the modulated RGB head: "
+         f"identity consistency by the judge {round3('perc_idf_lr4', 'identity_consistency_judge'):.3f} → "
+         f"{round3('lr4_bands_rgb', 'identity_consistency_judge'):.3f} (the swaps take the row's colours)"],
         ["DG-Net paper preset speed", "[DG-Net training](docs/dgnet/training.md#speed)",
          f"{paper.get('fp32', 0):.1f} s/it fp32, {paper.get('bf16', 0):.1f} s/it bf16 on "
          f"{cores(sp)} CPU cores"],
@@ -584,6 +630,8 @@ def block_readme_capabilities() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "dgnet_fast.arms": block_fast_arms,
     "dgnet_fast_mini.arms": lambda: block_fast_arms("dgnet_fast_mini"),
+    "dgnet_fast_mini_round3.arms": lambda: block_fast_arms("dgnet_fast_mini_round3"),
+    "dgnet_profile.paper": block_dgnet_profile,
     "dgnet_fast.long": block_fast_long,
     "dgnet_fast.reid": block_fast_reid,
     "crgan_quality.reid": lambda: crgan_reid(load("crgan_quality")),
