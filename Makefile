@@ -96,8 +96,6 @@ gpu-check-dry-run: install
 local-base:
 	docker/local-base.sh
 
-# The CPU run builds the local base first when it is missing (E2E_GPU=1: the CUDA base instead).
+# The e2e runs docs/deployment.md's own command blocks (step 3 builds the local base when missing).
 compose-e2e:
-	if [ "$${E2E_GPU:-0}" != 1 ] && ! docker image inspect $${LOCAL_BASE_IMAGE:-reidgen-base:bookworm} >/dev/null 2>&1; then \
-	    docker/local-base.sh $${LOCAL_BASE_IMAGE:-reidgen-base:bookworm}; fi
 	docker/e2e.sh

@@ -98,6 +98,8 @@ TITLES = {
     "dgnet_fast_mini_round3": "DG-Net levers, third round: how the appearance code reaches G (market1501_mini)",
     "dgnet_profile_paper_fp32": "DG-Net paper preset: one CPU iteration profiled, fp32",
     "dgnet_profile_paper_bf16": "DG-Net paper preset: one CPU iteration profiled, bf16 autocast",
+    "dgnet_vs_reference": "DG-Net paper preset against the reference code, side by side on the CPU, fp32",
+    "dgnet_vs_reference_bf16": "DG-Net paper preset in bf16 autocast against the reference code (fp32), side by side",
     "dgnet_id_ramp": "DG-Net: L_id^c from the start against ramped in",
     "export_size": "DG-Net checkpoints: full against the inference export",
     "generate": "Batch generation: shard jobs against the raw generator",
@@ -302,6 +304,19 @@ def dgnet_profile(d: dict) -> str:
     return out + "\n"
 
 
+def dgnet_vs_reference(d: dict) -> str:
+    """Seconds per iteration of the reference code and of the paper preset, on the same batches."""
+    source = d["reference_source"]
+    return table(["implementation", "precision", "s/it", "threads"], [
+        [f"reference ({source['repository']}@{source['commit'][:8]})", "fp32",
+         f"{d['reference_seconds_per_iteration']:.2f}", d["torch_threads"]],
+        ["reidgen, paper preset", d["project"].get("precision", "fp32"), f"{d['project_seconds_per_iteration']:.2f}",
+         d["torch_threads"]],
+    ]) + (f"\n\nreidgen / reference: **{d['project_over_reference']:.3f}×** ({d['iterations']} measured iterations "
+          f"after {d['warmup']} of warm-up, batch {d['batch_per_loader']} per loader, "
+          f"{'with' if d['reference_cycle'] else 'without'} the reference's cycle loss).\n")
+
+
 def dgnet_cpu_run(d: dict) -> str:
     cols = [(f"{part} ({d[part]['step']:,})", d[part]) for part in ("start", "middle", "final") if part in d]
     out = f"{d['iterations']:,} iterations, {d['train_hours']:.2f} h of training; quality at n = {d['quality_n']}.\n\n"
@@ -465,6 +480,8 @@ PAGES: dict[str, Callable[[dict], str]] = {
     "dgnet_fast_mini": dgnet_fast,
     "dgnet_fast_mini_round3": dgnet_fast,
     "dgnet_profile_paper_fp32": dgnet_profile,
+    "dgnet_vs_reference": dgnet_vs_reference,
+    "dgnet_vs_reference_bf16": dgnet_vs_reference,
     "dgnet_profile_paper_bf16": dgnet_profile,
     "dgnet_cpu_run": dgnet_cpu_run,
     "dgnet_cpu_run_id_cross_1": dgnet_cpu_run,

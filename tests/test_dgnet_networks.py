@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from generator_service.models.dgnet_nets import (
+    FAST,
     PAPER,
     PRESETS,
     SMALL,
@@ -111,7 +112,7 @@ def test_flat_appearance_code_is_accepted_and_parts_drive_their_blocks() -> None
 
 
 def test_config_roundtrip_json() -> None:
-    assert PRESETS == {"paper": PAPER, "small": SMALL}
+    assert PRESETS == {"paper": PAPER, "small": SMALL, "fast": FAST}
     for cfg in PRESETS.values():
         assert config_from_dict(GeneratorConfig, json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     with pytest.raises(ValueError):

@@ -150,7 +150,7 @@ def test_models_health_and_readiness(server):
     assert by_name["crgan-tiny"].kind == "crgan" and by_name["crgan-tiny"].masks == "pose"
     assert by_name["dgnet-tiny"].preset == "small" and by_name["dgnet-tiny"].image_size == [128, 64]
     assert sum(m.default for m in info.models if m.kind == "dgnet") == 1
-    assert info.presets["dgnet"] == ["paper", "small"] and info.engine.device == "cpu"
+    assert info.presets["dgnet"] == ["fast", "paper", "small"] and info.engine.device == "cpu"
     assert info.limits.max_images == 6 and info.limits.auth is False
     with ServiceClient(server.url) as client:
         assert client.wait_ready(timeout=5).ready is True
