@@ -87,7 +87,7 @@ def attribute(events) -> tuple[dict, dict]:
         inherited = owner.get(id(parent)) if parent is not None else None
         if ev.name.startswith("net:"):
             owner[id(ev)] = ev.name[4:]
-            if not (parent is not None and inherited is not None):
+            if inherited is None:  # a network's forward inside another's is already counted there
                 table[ev.name[4:], "forward"] += ev.cpu_time_total / 1e3
             continue
         if ev.name.startswith("phase:"):

@@ -98,6 +98,7 @@ TITLES = {
     "dgnet_fast_mini_round3": "DG-Net levers, third round: how the appearance code reaches G (market1501_mini)",
     "dgnet_profile_paper_fp32": "DG-Net paper preset: one CPU iteration profiled, fp32",
     "dgnet_profile_paper_bf16": "DG-Net paper preset: one CPU iteration profiled, bf16 autocast",
+    "appearance_colour_probe": "How much of each body stripe's colour the appearance code holds (ridge probe)",
     "dgnet_vs_reference": "DG-Net paper preset against the reference code, side by side on the CPU, fp32",
     "dgnet_vs_reference_bf16": "DG-Net paper preset in bf16 autocast against the reference code (fp32), side by side",
     "dgnet_id_ramp": "DG-Net: L_id^c from the start against ramped in",
@@ -228,7 +229,7 @@ def conditions(doc: dict) -> str:
 
 
 def commands(name: str, doc: dict) -> list[str]:
-    recorded = doc.get("commands")
+    recorded = doc.get("commands", [doc["command"]] if isinstance(doc.get("command"), str) else None)
     lines = [c for c in recorded if not c.startswith("#")] if isinstance(recorded, list) else []
     if not lines or any(c.startswith("see ") for c in lines):
         lines = COMMANDS.get(name, [])
