@@ -33,7 +33,7 @@ def networks(trainer) -> dict[str, object]:
     nets = {"E_a": trainer.net.ea, "E_s": trainer.net.es, "G": trainer.net.dec, "D": trainer.net.dis,
             "teacher": trainer.teacher.net}
     if trainer.perceptual is not None or trainer.style is not None:
-        nets["frozen pyramid"] = (trainer.perceptual or trainer.style).pyramid
+        nets["frozen pyramid"] = (trainer.perceptual or trainer.style).features
     return nets
 
 

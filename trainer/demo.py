@@ -10,8 +10,11 @@ and writes the report. Stages whose output is already complete are reused, so a 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from trainer.evaluation.evaluate import evaluate_checkpoint
 from trainer.evaluation.quality import format_quality_table, measure_quality
 from trainer.report import Section, write_report
 from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
-from trainer.tasks.reid import preset_config, train_reid
+from trainer.tasks.reid import ReidTrainConfig, preset_config, train_reid
 
 
 @dataclass
@@ -54,6 +57,60 @@ def _done(last: Path) -> bool:
 def _stage(number: int, total: int, text: str) -> float:
     print(f"[{number}/{total}] {text}", flush=True)
     return time.perf_counter()
+
+
+def _in_child(threads: int, log: str, fn, args: tuple) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(threads)
+    with open(log, "a") as f:  # the child's progress bars would garble the parent's
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        sys.stdout, sys.stderr = f, f
+        fn(*args)
+
+
+@contextmanager
+def _beside(name: str, fn, args: tuple, log: Path):
+    """Run ``fn(*args)`` in a child process while the body runs here, each with half the threads.
+
+    The demo's independent stages (teacher and judge; the quality figures and the synthetic
+    re-id model) run two at a time: these small networks gain less from a second thread than
+    from a second process. The child writes its output to ``log``; its failure is raised here."""
+    import torch
+
+    threads = torch.get_num_threads()
+    half = max(1, threads // 2)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    child = multiprocessing.get_context("spawn").Process(target=_in_child, args=(half, str(log), fn, args),
+                                                         name=name)
+    child.start()
+    torch.set_num_threads(half)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        child.join()
+    if child.exitcode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+        raise ReidgenError(f"the demo's {name} stage failed ({tail[0] if tail else f'exit {child.exitcode}'}); "
+                           f"its log: {log}")
+
+
+def _synthetic_model(spec: JobSpec, shards: str, reid: ReidTrainConfig, out: str, device: str) -> None:
+    """The shard job, in-process, then re-id trained on real + synthetic images (unless finished)."""
+    from worker.run import run_job
+    from worker.shards import contact_sheet, verify
+
+    run_job(spec, Path(shards), device=device)
+    report = verify(shards)
+    if not report.ok:
+        raise ReidgenError(f"the demo's shards do not verify:\n{report.summary()}")
+    contact_sheet(shards, count=32).save(Path(shards).parent / "shards_sheet.png")
+    if not _done(run_checkpoint(out)):
+        train_reid(reid, out)
 
 
 def _evaluate(checkpoint: Path, data: str, out: Path, device: str) -> EvaluationReport:
@@ -96,10 +153,9 @@ def run_demo(cfg: DemoConfig) -> Path:
     from generator_service.inference.grids import interpolation_strip, swap_grid
     from generator_service.models.dgnet import DGNet
     from reidgen.core.images import load_batch
-    from worker.run import run_job
-    from worker.shards import contact_sheet, verify
+    from worker.shards import verify
 
-    out, data, total = Path(cfg.out), cfg.data, 7
+    out, data, total = Path(cfg.out), cfg.data, 6
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -112,10 +168,17 @@ def run_demo(cfg: DemoConfig) -> Path:
         print(f"  reusing the teacher of {cfg.dgnet}: {teacher}")
     # The judge names the people in the generated images for the quality figures: DG-Net trains
     # against the teacher (soft labels, identity losses), so the teacher cannot judge it alone.
-    for name, path, seed in (("teacher", teacher, 0), ("judge", judge, cfg.judge_seed)):
-        if not _done(path) and not (reused and name == "teacher"):
-            train_reid(preset_config("small", data=data, epochs=cfg.epochs, milestones=(max(1, cfg.epochs - 1),),
-                                     workers=cfg.workers, device=cfg.device, evaluate=False, seed=seed), out / name)
+    def reid_config(seed: int, shards: tuple[str, ...] = ()):
+        return preset_config("small", data=data, epochs=cfg.epochs, milestones=(max(1, cfg.epochs - 1),),
+                             workers=cfg.workers, device=cfg.device, evaluate=False, seed=seed, shards=shards)
+
+    train_teacher = not reused and not _done(teacher)
+    if not _done(judge):
+        with _beside("judge", train_reid, (reid_config(cfg.judge_seed), out / "judge"), out / "judge.log"):
+            if train_teacher:
+                train_reid(reid_config(0), out / "teacher")
+    elif train_teacher:
+        train_reid(reid_config(0), out / "teacher")
     timings["teacher_and_judge"] = time.perf_counter() - t
 
     t = _stage(2, total, f"DG-Net: joint training ({cfg.dgnet_preset} preset, {cfg.dgnet_iterations} iterations, "
@@ -147,36 +210,30 @@ def run_demo(cfg: DemoConfig) -> Path:
     appearance, structure = load_batch(picked[:rows], size), load_batch(picked[rows:], size)
     swap_grid(model, appearance, structure).save(out / "swap_grid.png")
     interpolation_strip(model, appearance[0], appearance[1]).save(out / "interpolation.png")
-    quality_file = out / "quality.json"
-    if not quality_file.is_file() or json.loads(quality_file.read_text()).get("checkpoint") != str(dgnet):
-        quality = measure_quality(dgnet, data, teacher=str(teacher), judge=str(judge), n=cfg.quality_images,
-                                  device=cfg.device)
-        quality_file.write_text(json.dumps(quality, indent=2))
-    quality = json.loads(quality_file.read_text())
-    print(format_quality_table(quality))
     timings["swap_grid"] = time.perf_counter() - t
 
-    t = _stage(4, total, f"shard job, in-process: {cfg.records} generated images with soft labels")
-    shards = out / "shards"
+    t = _stage(4, total, f"beside each other: the generation-quality figures ({cfg.quality_images} images), and "
+                         f"a shard job of {cfg.records} generated images with soft labels followed by re-id on real + "
+                         f"synthetic images (small preset, {cfg.epochs} epochs)")
+    shards, mixed = out / "shards", run_checkpoint(out / "real_plus_synthetic")
     spec = JobSpec(kind="dgnet_random_structures", checkpoint=str(dgnet), data=data, subset=cfg.records,
                    structures_per_image=1, cross_identity=True, seed=0, shard_size=cfg.shard_size,
                    encoding="jpeg", jpeg_quality=95)
-    run_job(spec, shards, device=cfg.device)
+    synthetic = (spec, str(shards), reid_config(0, (str(shards.resolve()),)), str(out / "real_plus_synthetic"),
+                 cfg.device)
+    quality_file = out / "quality.json"
+    with _beside("synthetic data", _synthetic_model, synthetic, out / "real_plus_synthetic.log"):
+        if not quality_file.is_file() or json.loads(quality_file.read_text()).get("checkpoint") != str(dgnet):
+            quality = measure_quality(dgnet, data, teacher=str(teacher), judge=str(judge), n=cfg.quality_images,
+                                      device=cfg.device)
+            quality_file.write_text(json.dumps(quality, indent=2))
+    quality = json.loads(quality_file.read_text())
+    print(format_quality_table(quality))
     report = verify(shards)
-    if not report.ok:
-        raise ReidgenError(f"the demo's shards do not verify:\n{report.summary()}")
-    contact_sheet(shards, count=32).save(out / "shards_sheet.png")
-    timings["generate"] = time.perf_counter() - t
+    print(f"  {report.summary().splitlines()[0]}; re-id on real + synthetic: {mixed}")
+    timings["quality_and_synthetic"] = time.perf_counter() - t
 
-    t = _stage(5, total, f"re-id on real + synthetic images (small preset, {cfg.epochs} epochs, shards)")
-    mixed = run_checkpoint(out / "real_plus_synthetic")
-    if not _done(mixed):
-        train_reid(preset_config("small", data=data, epochs=cfg.epochs, milestones=(max(1, cfg.epochs - 1),),
-                                 workers=cfg.workers, device=cfg.device, evaluate=False,
-                                 shards=(str(shards.resolve()),)), out / "real_plus_synthetic")
-    timings["real_plus_synthetic"] = time.perf_counter() - t
-
-    t = _stage(6, total, "evaluation on the query/gallery split (Market protocol, flip-averaged features)")
+    t = _stage(5, total, "evaluation on the query/gallery split (Market protocol, flip-averaged features)")
     # The evaluations live in the demo's folder: a reused teacher or DG-Net run is only read.
     (out / "eval").mkdir(exist_ok=True)
     results = [
@@ -188,7 +245,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         print(f"  {name:<40} Rank-1 {100 * r.rank1:6.2f}  mAP {100 * r.mAP:6.2f}")
     timings["evaluate"] = time.perf_counter() - t
 
-    _stage(7, total, "report")
+    _stage(6, total, "report")
     grids = sorted((dgnet_run / "grids").glob("step_*.png"), key=lambda p: int(p.stem.split("_")[1]))
     sections = [
         Section("Results", f"Evaluated on {data} (query × gallery, Market protocol). Short CPU runs: the figures "
