@@ -200,6 +200,8 @@ class ShardManifest(BaseModel):
     records: list[RecordEntry]
     failed: list[FailedRecord]
     shard_sha256: str = Field(description="sha256 of the records' sha256 digests, in order")
+    host: str | None = Field(None, description="the host name of the machine (or container) whose worker wrote "
+                                               "the shard; none in shards written before it was recorded")
 
 
 class JobManifest(BaseModel):

@@ -11,6 +11,12 @@ A record's value is ``MAGIC | u32 length | RecordMeta JSON | encoded image``; it
 the manifest. A shard is written under a temporary name and renamed when complete, so a
 finished shard is never rewritten and a crash leaves nothing that looks finished. Two workers
 writing the same shard (a redelivered task) race on the rename: the loser discards its copy.
+
+The same rules make the output folder safe on a file system shared by many hosts (NFS, CephFS,
+Lustre; docs/scaling/shards.md): each temporary folder has one writer, which opens its LMDB
+environment without a lock file; everything in it is flushed to the disk or the file server
+(fsync) before the rename; readers open finished shards read-only and without locks, so no host
+ever shares an LMDB lock with another. The manifest names the host that wrote the shard.
 """
 from __future__ import annotations
 
@@ -19,8 +25,10 @@ import hashlib
 import io
 import json
 import os
+import socket
 import struct
 import uuid
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +48,12 @@ _INITIAL_MAP = 64 << 20
 
 class CorruptRecord(ReidgenError):
     """A record whose bytes do not match the checksum in its shard's manifest."""
+
+
+def writer_host() -> str:
+    """The name recorded as a shard's writer: the machine's host name (in a container, the
+    container's, which Compose's ``hostname:`` sets)."""
+    return socket.gethostname()
 
 
 def shard_name(index: int) -> str:
@@ -309,7 +323,9 @@ class ShardWriter:
         self.index = index
         self.final = shard_name(index)
         self.tmp, self._tmp = self.folder.private(f".{shard_name(index)}.tmp-")
-        # lock=False: this process is the only one that ever opens the temporary folder.
+        # lock=False: this process is the only one that ever opens the temporary folder, so no lock
+        # file is made (LMDB's locks are shared memory in lock.mdb, which does not work across the
+        # hosts of a network file system). sync=False until `commit`, which flushes once.
         self.env = lmdb.open(self._tmp.path, map_size=_INITIAL_MAP, lock=False, metasync=False, sync=False)
         self.entries: list[RecordEntry] = []
         self.failed: list[FailedRecord] = []
@@ -332,15 +348,31 @@ class ShardWriter:
         self.failed.append(FailedRecord(index=index, error=error))
 
     def commit(self, **manifest_fields) -> bool:
-        """Finish the shard; False if another writer finished it first (ours is discarded)."""
+        """Finish the shard; False if another writer finished it first (ours is discarded).
+
+        In this order, so that a reader on any host sees the shard whole or not at all, whatever
+        crashes when: the records reach the disk or the file server (LMDB's fsync) and the
+        environment is closed; the manifest is written and fsynced; the temporary folder is
+        fsynced (its two names); then it is renamed to its final name, and the output folder is
+        fsynced so that the rename itself lasts."""
         self.entries.sort(key=lambda e: e.index)
         self.failed.sort(key=lambda f: f.index)
+        manifest_fields.setdefault("host", writer_host())
         manifest = ShardManifest(shard=self.index, record_count=len(self.entries), records=self.entries,
                                  failed=self.failed, shard_sha256=shard_digest(self.entries), **manifest_fields)
-        self.env.sync(True)
-        self.env.close()
-        self._tmp.write_new(MANIFEST, manifest.model_dump_json(indent=1).encode())
-        self._tmp.chmod(0o755)  # readable by the trainers, as a folder made by mkdir would be
+        try:
+            self.env.sync(True)
+            self.env.close()
+            self._tmp.write_new(MANIFEST, manifest.model_dump_json(indent=1).encode(), durable=True)
+            self._tmp.chmod(0o755)  # readable by the trainers, as a folder made by mkdir would be
+            self._tmp.sync()
+        except (OSError, lmdb.Error):
+            # A duplicate that finished first removed our temporary folder (`_discard_stale`): on a
+            # local disk that shows here (ENOENT), on NFS as ESTALE. Our copy was not needed.
+            if not self.finished_elsewhere():
+                raise
+            self.abort()
+            return False
         self._tmp.close()
         try:
             self.folder.rename(self.tmp, self.final)  # atomic; fails if the shard already exists
@@ -348,6 +380,8 @@ class ShardWriter:
         except OSError:
             self.folder.remove_tree(self.tmp)
             won = False
+        if won:
+            self.folder.sync()
         self._discard_stale()
         self._close()
         return won
@@ -359,6 +393,10 @@ class ShardWriter:
             self._tmp.close()
             self.folder.remove_tree(self.tmp)
             self._close()
+
+    def finished_elsewhere(self) -> bool:
+        """Whether another writer has finished this shard (its final name holds a manifest)."""
+        return self.folder.fd >= 0 and shard_done(self.folder, self.index)
 
     def _close(self) -> None:
         if self._owned:
@@ -386,6 +424,11 @@ def _read_env(path: Path) -> lmdb.Environment:
         return env
     if env is not None:
         env.close()  # the parent's, inherited through fork: drop it, open our own
+    # readonly: data.mdb is opened O_RDONLY and mapped read-only (a read-only mount will do).
+    # lock=False: no lock.mdb is made or used; a finished shard never changes, so readers need no
+    # lock, and LMDB's lock file cannot work across hosts anyway. readahead=False: training reads
+    # records in random order, a few KiB each; with readahead each page fault reads around it a
+    # whole window (128 KiB by default, often tuned to MiBs on NFS) over the network.
     env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
     _ENVS[key] = (os.getpid(), env)
     return env
@@ -460,6 +503,7 @@ class VerifyReport:
     corrupt: list[str] = field(default_factory=list)
     duplicates: list[int] = field(default_factory=list)
     in_progress: int = 0
+    hosts: Counter = field(default_factory=Counter)  # shards per writing host (as their manifests say)
 
     @property
     def ok(self) -> bool:
@@ -472,6 +516,9 @@ class VerifyReport:
                  f"{self.records} records"
                  + (f" (planned {self.records_expected})" if self.records_expected is not None else "")
                  + f", {self.failed_records} failed at generation, {self.in_progress} shard(s) being written"]
+        if self.hosts:
+            lines.append("written on: " + ", ".join(f"{host} ({n} shard{'s' * (n != 1)})"
+                                                     for host, n in sorted(self.hosts.items())))
         if self.missing_shards:
             lines.append(f"missing shards: {self.missing_shards[:20]}")
         if self.duplicates:
@@ -503,6 +550,7 @@ def verify_shard(path: Path, report: VerifyReport, seen: set[int]) -> None:
             report.duplicates.append(entry.index)
         seen.add(entry.index)
     reader.close()
+    report.hosts[m.host or "(not recorded)"] += 1
     report.records += len(m.records)
     report.failed_records += len(m.failed)
 

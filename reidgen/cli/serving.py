@@ -139,7 +139,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
         m = ShardReader(path).manifest
         total += m.record_count
         print(f"{path.name}: {m.record_count} records, {len(m.failed)} failed, sha256 {m.shard_sha256[:16]}, "
-              f"plan {m.plan_hash}")
+              f"plan {m.plan_hash}, written on {m.host or '(not recorded)'}")
     m = ShardReader(paths[0]).manifest
     meta, _ = ShardReader(paths[0]).record(0) if m.record_count else ({}, b"")
     print(f"{len(paths)} shard(s), {total} records; kind {m.spec.kind}, encoding {m.spec.encoding}, "

@@ -135,12 +135,25 @@ class Folder:
                 raise NotConfined(errno.EINVAL, f"{name!r} is not a regular file")
             return f.read()
 
-    def write_new(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        """Create ``name`` (it must not exist: nothing is written through a name someone else made)."""
+    def write_new(self, name: str, data: bytes, mode: int = 0o644, durable: bool = False) -> None:
+        """Create ``name`` (it must not exist: nothing is written through a name someone else made);
+        ``durable``: its bytes reach the disk (or the file server) before this returns (fsync)."""
         fd = os.open(self._one(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                      dir_fd=self.fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+
+    def sync(self) -> None:
+        """Make this folder's entries durable (fsync of the folder: the names created or renamed in
+        it). A file system that cannot sync a folder says so with EINVAL; there is nothing more to do."""
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
+                raise
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """``name`` holds ``data``, all at once: written under a fresh name, then renamed over it."""
