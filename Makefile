@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= market1501_mini
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test docs bench bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader clean \
+.PHONY: install demo test docs bench bench-eval bench-dgnet bench-crgan bench-masks bench-serve bench-generate bench-loader bench-load clean \
 	gpu-bundle gpu-check gpu-check-dry-run
 
 $(BIN)/.installed: pyproject.toml
@@ -55,6 +55,11 @@ bench-generate: install
 bench-loader: install
 	$(BIN)/python bench/loader.py
 
+# The head under load (issue 26; docs/scaling/index.md): 1,000 one-record jobs, 16 workers, the
+# local Redis (database 12, a key prefix of the run). Not in `bench`: it needs redis-server.
+bench-load: install
+	$(BIN)/python bench/load_head.py --models runs/load_head_models
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache site
 
@@ -91,7 +96,7 @@ gpu-check-dry-run: install
 # The Docker deployment, run for real (needs Docker and Docker Compose v2.24+; docker/README.md).
 # Not part of `make test`: CI has no Docker engine. local-base: the Debian base image for machines
 # without a registry (root, debootstrap); compose-e2e: docker/e2e.sh, the whole stack end to end.
-.PHONY: local-base compose-e2e
+.PHONY: local-base compose-e2e cluster-e2e
 
 local-base:
 	docker/local-base.sh
@@ -99,3 +104,8 @@ local-base:
 # The e2e runs docs/deployment.md's own command blocks (step 3 builds the local base when missing).
 compose-e2e:
 	docker/e2e.sh
+
+# Two hosts on one Docker engine: the head (docker-compose.head.yml: Redis over TLS) and a second
+# Compose project, host2, of docker-compose.worker.yml (docs/scaling/index.md).
+cluster-e2e:
+	docker/cluster_e2e.sh

@@ -23,12 +23,22 @@ A Redis with a password (the compose deployment's): ``$REDIS_PASSWORD_FILE`` nam
 it (a Docker secret), and `redis_url` puts it into ``$REDIS_URL``. The password so stays out of
 the environment, the compose file and ``docker inspect``; every client (Celery, the job records,
 Flower, the health probe) gets its URL from `redis_url`.
+
+A Redis on another host (a worker host of a cluster, ``docs/scaling/index.md``) is reached over
+TLS: a ``rediss://`` URL. `redis_url` then always asks for the server's certificate to be checked
+(``ssl_cert_reqs=required``; kombu alone would fall back to no check at all), against the CA
+certificate of ``$REDIS_CA_FILE`` when set (a lab CA, ``docker/make-ca.sh``), and presents the
+client certificate of ``$REDIS_CERT_FILE`` / ``$REDIS_KEY_FILE`` when the server asks for one.
+These go into the URL's query, which redis-py and kombu both read, so every client gets them
+from the same place as the password. A file that cannot be read, a TLS file with a plain
+``redis://`` URL (everything would go in clear), or ``ssl_*`` options written into the URL itself
+are refused, each with one message.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
 
@@ -36,6 +46,9 @@ from reidgen.core.errors import ReidgenError
 from reidgen.core.settings import WorkerSettings
 
 REDIS_PASSWORD_FILE_ENV = WorkerSettings.env_name("redis_password_file")
+REDIS_CA_FILE_ENV = WorkerSettings.env_name("redis_ca_file")
+REDIS_CERT_FILE_ENV = WorkerSettings.env_name("redis_cert_file")
+REDIS_KEY_FILE_ENV = WorkerSettings.env_name("redis_key_file")
 _installed: WorkerSettings | None = None
 
 
@@ -55,11 +68,50 @@ def use_settings(settings: WorkerSettings) -> None:
 
 
 def redis_url(settings: WorkerSettings | None = None) -> str:
-    """``$REDIS_URL``, with the password of ``$REDIS_PASSWORD_FILE`` in it when that is set."""
+    """``$REDIS_URL``, with the password of ``$REDIS_PASSWORD_FILE`` in it when that is set, and
+    with a ``rediss://`` URL the TLS options of `with_tls`."""
     settings = settings or worker_settings()
     password_file = settings.redis_password_file
     url = settings.redis_url
-    return with_password(url, read_redis_password(password_file)) if password_file else url
+    url = with_password(url, read_redis_password(password_file)) if password_file else url
+    return with_tls(url, settings.redis_ca_file, settings.redis_cert_file, settings.redis_key_file)
+
+
+def with_tls(url: str, ca_file: str | Path | None = None, cert_file: str | Path | None = None,
+             key_file: str | Path | None = None) -> str:
+    """``url`` with the TLS options redis-py and kombu read from its query: for ``rediss://``,
+    ``ssl_cert_reqs=required`` always, ``ssl_ca_certs`` (``ca_file``) and ``ssl_certfile`` /
+    ``ssl_keyfile`` (``cert_file``, ``key_file``) when given; each file must be readable now, so
+    that a worker host with a secret missing stops at once with its name rather than retrying
+    the connection forever. A ``redis://`` URL is returned as it is, unless a file is given:
+    refused, since nothing would be encrypted."""
+    parts = urlsplit(url)
+    given = {REDIS_CA_FILE_ENV: ca_file, REDIS_CERT_FILE_ENV: cert_file, REDIS_KEY_FILE_ENV: key_file}
+    named = [env for env, path in given.items() if path]
+    if parts.scheme != "rediss":
+        if named:
+            raise ReidgenError(f"{' and '.join(named)} {'is' if len(named) == 1 else 'are'} set but REDIS_URL "
+                               f"is not a rediss:// URL, so nothing would be encrypted: use rediss://HOST:PORT/DB")
+        return url
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key.startswith("ssl_") for key, _ in query):
+        raise ReidgenError(f"REDIS_URL carries ssl_* options; give the files through {REDIS_CA_FILE_ENV}, "
+                           f"{REDIS_CERT_FILE_ENV} and {REDIS_KEY_FILE_ENV} only")
+    if bool(cert_file) != bool(key_file):
+        raise ReidgenError(f"{REDIS_CERT_FILE_ENV} and {REDIS_KEY_FILE_ENV} go together: set both or neither")
+    tls = [("ssl_cert_reqs", "required")]
+    for env, key in ((REDIS_CA_FILE_ENV, "ssl_ca_certs"), (REDIS_CERT_FILE_ENV, "ssl_certfile"),
+                     (REDIS_KEY_FILE_ENV, "ssl_keyfile")):
+        path = given[env]
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ReidgenError(f"cannot read {path}, which {env} names ({exc.strerror}); a rediss:// "
+                                   f"REDIS_URL needs it readable (docker/make-ca.sh makes the files)") from None
+            tls.append((key, str(path)))
+    return urlunsplit(parts._replace(query=urlencode(query + tls, quote_via=quote, safe="/")))
 
 
 def read_redis_password(path: str | Path) -> str:

@@ -107,6 +107,14 @@ class WorkerSettings(CommonSettings):
                           "a redis:// or rediss:// URL", min_length=1)
     redis_password_file: Path | None = _var("REDIS_PASSWORD_FILE", None, "a file holding Redis's password "
                                             "(a Docker secret), put into the URL", shown="none")
+    redis_ca_file: Path | None = _var("REDIS_CA_FILE", None, "with a rediss:// REDIS_URL: the CA certificate (PEM) "
+                                      "Redis's certificate must be signed by (a Docker secret); unset: the system's "
+                                      "CAs", shown="none")
+    redis_cert_file: Path | None = _var("REDIS_CERT_FILE", None, "with a rediss:// REDIS_URL: this client's "
+                                        "certificate (PEM), for a Redis that asks clients for one; with "
+                                        "REDIS_KEY_FILE", shown="none")
+    redis_key_file: Path | None = _var("REDIS_KEY_FILE", None, "the private key (PEM) of REDIS_CERT_FILE",
+                                       shown="none")
     redis_prefix: str = _var("REIDGEN_REDIS_PREFIX", "reidgen:", "the prefix of every Redis key (queues, job "
                              "records), so deployments can share one Redis")
     redis_retry_s: float = _var("REIDGEN_REDIS_RETRY_S", 60.0, "seconds a worker retries a job-record call while "
