@@ -68,7 +68,8 @@ def seconds_per_iteration(speed: dict, arm: str, bf16: bool) -> float:
     precision = "bf16" if bf16 else "fp32"
     arm = COST_PROXY.get(arm, arm)
     for r in speed["results"]:
-        if r.get("arm") == arm and r["precision"] == precision:
+        # the layout training ran in (records made before the layout was recorded: the default then)
+        if r.get("arm") == arm and r["precision"] == precision and r.get("layout", "default") == "default":
             return r["seconds_per_iteration"]
     raise SystemExit(f"the speed record has no {precision} figure for arm {arm!r}: run bench/dgnet_speed.py --arms")
 
@@ -150,7 +151,10 @@ def main() -> int:
     from bench.common import RESULTS, write_results
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", required=True, help="folder with one run folder per arm, named as in ARMS")
+    ap.add_argument("--arms", help="folder with one run folder per arm, named as in ARMS")
+    ap.add_argument("--arms-from", metavar="JSON",
+                    help="take the arms from an earlier results file instead (their runs need not exist); its long "
+                         "run becomes an arm, named '<arm> (long)'")
     ap.add_argument("--speed", required=True, help="the dgnet_speed.py --arms JSON (seconds per iteration per arm)")
     ap.add_argument("--judge", required=True, help="the independent re-id model (train-reid, another seed)")
     ap.add_argument("--n", type=int, default=500, help="images per `reidgen quality` measurement of an arm")
@@ -173,15 +177,22 @@ def main() -> int:
     speed = json.loads(Path(args.speed).read_text())
     COST_PROXY.update(pair.split("=", 1) for pair in args.cost_proxy)
     arms = {}
-    for name in ARMS:
+    if args.arms_from:
+        earlier = json.loads(Path(args.arms_from).read_text())
+        arms.update(earlier["arms"])
+        if earlier.get("long"):
+            named = [k for k, v in ARMS.items() if v == earlier["long"]["settings"]]
+            arms[f"{named[0] if named else 'earlier'} (long)"] = earlier["long"]
+    for name in ARMS if args.arms else ():
         run = Path(args.arms) / name
         if (run / "checkpoints" / "last.pt").is_file():
             arms[name] = collect_arm(run, name, speed, args.judge, args.n, args.device)
-    if not arms:
-        raise SystemExit(f"no arm runs under {args.arms} (expected folders named {', '.join(ARMS)})")
+    if not arms and not args.long:
+        raise SystemExit(f"no arm runs under {args.arms} (expected folders named {', '.join(ARMS)}); give --arms, "
+                         "--arms-from or --long")
     payload = {"device": args.device, "data": args.data_label, "judge": args.judge, "quality_n": args.n,
                "long_quality_n": args.long_n,
-               "cost_proxy": COST_PROXY, "arms": arms,
+               "cost_proxy": COST_PROXY, "arms": arms, "arms_from": args.arms_from,
                "commands": args.commands}
     if args.long:
         from bench.dgnet_cpu_run import reid_report

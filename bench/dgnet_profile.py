@@ -146,6 +146,7 @@ def main() -> int:
                                   feed_start=0.0, ramp=0.01, grid_every=0, quality_every=0, ea_from_teacher=False,
                                   iterations=10**6, amp=bf16, cpu_bf16=bf16)
         trainer = DGNetTrainer(cfg, Path(tmp) / "run", progress=False)
+        trainer.loop.prepare(trainer)  # the layout training runs in (channels_last on the CPU)
         batches = trainer.batches()
         for _ in range(args.warmup):
             trainer.train_step(next(batches))

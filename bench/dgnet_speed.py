@@ -34,14 +34,17 @@ from bench.common import run_child, write_results  # noqa: E402
 
 
 def child(preset: str, precision: str, data: str, iters: int, warmup: int, teacher: str, out: str,
-          threads: int, arm: str = "") -> None:
+          threads: int, arm: str = "", layout: str = "default") -> None:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     from bench.dgnet_fast import ARMS
     from trainer.runlog import read_jsonl
-    from trainer.tasks.dgnet import dgnet_preset_config, train_dgnet
+    from trainer.tasks.dgnet import DGNetTrainer, dgnet_preset_config, train_dgnet
+
+    if layout == "contiguous":  # the layout DG-Net trained in on the CPU before channels_last
+        DGNetTrainer.channels_last_on_cpu = False
 
     # No pretrained weights: ResNet-50's are not obtainable offline and do not change the cost.
     cfg = dgnet_preset_config(preset, data=data, teacher=teacher, pretrained="none", iterations=warmup + iters,
@@ -55,7 +58,7 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     measured = times[warmup:]
     rate = (len(measured) - 1) / (measured[-1] - measured[0]) if len(measured) > 1 else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"preset": preset, "precision": precision, "arm": arm or None,
+    print(json.dumps({"preset": preset, "precision": precision, "arm": arm or None, "layout": layout,
                       "settings": ARMS[arm] if arm else {}, "iterations_per_second": rate,
                       "seconds_per_iteration": 1 / rate,
                       "peak_rss_mb": peak_mb, "wall_seconds": wall, "batch_per_loader": cfg.batch_size,
@@ -73,6 +76,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
     ap.add_argument("--arms", nargs="*", metavar="ARM",
                     help="measure these arms of bench/dgnet_fast.py on the small preset (all when none is named)")
+    ap.add_argument("--layouts", nargs="+", default=["default"], choices=["default", "contiguous"],
+                    help="memory layouts: default (channels_last on the CPU where the trainer chooses it) and/or "
+                         "contiguous (NCHW), side by side")
     ap.add_argument("--results", default="dgnet_speed", help="name of the JSON under bench/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", help=argparse.SUPPRESS)
@@ -83,8 +89,9 @@ def main() -> int:
 
     data = str(resolve_data(args.data))
     if args.child:
-        preset, precision, arm = args.child.split(":")
-        child(preset, precision, data, args.iters, args.warmup, args.teacher, args.out_dir, args.threads, arm)
+        preset, precision, arm, layout = args.child.split(":")
+        child(preset, precision, data, args.iters, args.warmup, args.teacher, args.out_dir, args.threads, arm,
+              layout)
         return 0
     if args.arms is not None:
         from bench.dgnet_fast import ARMS
@@ -104,19 +111,30 @@ def main() -> int:
                                  Path(tmp) / "teacher", progress=False))
         for preset, arm in runs:
             for precision in args.precisions:
-                results.append(run_child(__file__, "--child", f"{preset}:{precision}:{arm}", "--data", data,
-                                         "--iters", str(args.iters), "--warmup", str(args.warmup),
-                                         "--teacher", teacher, "--threads", str(args.threads),
-                                         "--out-dir", str(Path(tmp) / f"{preset}_{precision}_{arm}")))
+                for layout in args.layouts:
+                    results.append(run_child(
+                        __file__, "--child", f"{preset}:{precision}:{arm}:{layout}", "--data", data,
+                        "--iters", str(args.iters), "--warmup", str(args.warmup), "--teacher", teacher,
+                        "--threads", str(args.threads),
+                        "--out-dir", str(Path(tmp) / f"{preset}_{precision}_{arm}_{layout}")))
 
     print(f"DG-Net training speed on {os.cpu_count()} CPU(s), {args.iters} measured iterations each")
-    print(f"{'preset':<8} {'arm':<10} {'precision':<9} {'backbone':<20} {'image':<9} {'it/s':>7} {'s/it':>7} "
-          f"{'peak RSS':>10}")
+    print(f"{'preset':<8} {'arm':<10} {'precision':<9} {'layout':<10} {'backbone':<20} {'image':<9} {'it/s':>7} "
+          f"{'s/it':>7} {'peak RSS':>10}")
     for r in results:
-        print(f"{r['preset']:<8} {r['arm'] or '':<10} {r['precision']:<9} {r['backbone']:<20} "
+        print(f"{r['preset']:<8} {r['arm'] or '':<10} {r['precision']:<9} {r['layout']:<10} {r['backbone']:<20} "
               f"{'×'.join(map(str, r['image_size'])):<9} "
               f"{r['iterations_per_second']:7.3f} {r['seconds_per_iteration']:7.2f} {r['peak_rss_mb']:8.0f} MB")
-    by = {(r["preset"], r["precision"]): r for r in results if not r["arm"]}
+    layout_gain = {}
+    for r in results:
+        if r["layout"] == "contiguous":
+            same = [d for d in results if d["layout"] == "default" and
+                    (d["preset"], d["precision"], d["arm"]) == (r["preset"], r["precision"], r["arm"])]
+            if same:
+                key = ":".join(filter(None, (r["preset"], r["arm"], r["precision"])))
+                layout_gain[key] = r["seconds_per_iteration"] / same[0]["seconds_per_iteration"]
+                print(f"{key}: the default layout is {layout_gain[key]:.2f}× as fast as contiguous")
+    by = {(r["preset"], r["precision"]): r for r in results if not r["arm"] and r["layout"] == "default"}
     ratio = None
     if ("small", "fp32") in by and ("paper", "fp32") in by:
         ratio = by["small", "fp32"]["iterations_per_second"] / by["paper", "fp32"]["iterations_per_second"]
@@ -131,7 +149,7 @@ def main() -> int:
     from reidgen.core.device import pick_device
 
     if args.arms is not None:
-        base = {r["precision"]: r for r in results if r["arm"] == "small"}
+        base = {r["precision"]: r for r in results if r["arm"] == "small" and r["layout"] == "default"}
         for r in results:
             if r["precision"] in base:
                 r["cost_over_small"] = r["seconds_per_iteration"] / base[r["precision"]]["seconds_per_iteration"]
@@ -140,6 +158,7 @@ def main() -> int:
     write_results(args.results, {"device": str(pick_device("auto")), "data": args.data, "results": results,
                                   "commands": ["python bench/dgnet_speed.py " + " ".join(sys.argv[1:])],
                                   "small_over_paper_speed": ratio, "bf16_over_fp32_speed": bf16_speedup,
+                                  "default_layout_over_contiguous_speed": layout_gain,
                                   "torch_threads": args.threads or None})
     return 0
 

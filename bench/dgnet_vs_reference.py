@@ -247,6 +247,7 @@ def project_child(args, work: Path) -> dict:
                                     checkpoint_every=10**9, encode_again_p=args.encode_again_p, seed=args.seed,
                                     amp=bf16, cpu_bf16=bf16)
     trainer = dgnet.DGNetTrainer(cfg, work / "project_run", progress=False)
+    trainer.loop.prepare(trainer)  # the layout and optimiser settings training runs with (channels_last)
     trainer.step = LATE_ITERATION
 
     # Record the structure branch: E_s goes through frozen_copy only in the frozen-copy branch.
@@ -270,6 +271,7 @@ def project_child(args, work: Path) -> dict:
         finite = finite and all(math.isfinite(v) for v in logs.values())
         first = first or (project_losses(logs, trainer.lambdas()), logs)
     return {"implementation": "project", "precision": args.precision, "preset": "paper",
+            "channels_last": trainer.channels_last_on_cpu,
             "step": LATE_ITERATION, "lambdas": trainer.lambdas(), "iteration_seconds": times,
             "structure_branch": branches, "losses_first_iteration": first[0],
             "raw_losses_first_iteration": first[1], "losses_finite": finite}

@@ -90,6 +90,7 @@ TITLES = {
     "eval_speed": "Evaluation speed: ranking and metrics of full Market-1501",
     "dgnet_speed": "DG-Net training speed, both presets, fp32 and bf16",
     "dgnet_speed_arms": "DG-Net: each lever's cost per iteration",
+    "dgnet_speed_layout": "DG-Net on the CPU: channels_last against contiguous NCHW, small and fast settings",
     "dgnet_cpu_run": "DG-Net small preset, 1,450 iterations on one core (run B)",
     "dgnet_cpu_run_id_cross_1": "DG-Net small preset with λ_id = 1.0 (run C)",
     "dgnet_cpu_run_milestones_0.6_0.9": "DG-Net small preset with the reference's lr drops (run A)",
@@ -273,14 +274,18 @@ def eval_speed(d: dict) -> str:
 def dgnet_speed(d: dict) -> str:
     rows = []
     for r in d["results"]:
-        rows.append([r.get("arm", r["preset"]), r["precision"], "×".join(map(str, r["image_size"])), r["backbone"],
-                     r["torch_threads"], f"{r['seconds_per_iteration']:.2f}", f"{r['peak_rss_mb'] / 1024:.1f}",
+        rows.append([r.get("arm") or r["preset"], r["precision"], r.get("layout", "contiguous"),
+                     "×".join(map(str, r["image_size"])), r["backbone"], r["torch_threads"],
+                     f"{r['seconds_per_iteration']:.2f}", f"{r['peak_rss_mb'] / 1024:.1f}",
                      f"{r['cost_over_small']:.2f}×" if "cost_over_small" in r else "—"])
-    out = table(["preset / arm", "precision", "image", "E_a", "threads", "s/it", "peak RSS GB", "cost over small"],
-                rows)
+    out = table(["preset / arm", "precision", "layout", "image", "E_a", "threads", "s/it", "peak RSS GB",
+                 "cost over small"], rows)
     if d.get("bf16_over_fp32_speed"):
         out += "\n\nbf16 autocast speed-up over fp32: " + ", ".join(
             f"{k} {v:.2f}×" for k, v in d["bf16_over_fp32_speed"].items()) + ".\n"
+    if d.get("default_layout_over_contiguous_speed"):
+        out += "\n\nchannels_last (the default layout on the CPU) over contiguous NCHW: " + ", ".join(
+            f"{k} {v:.2f}×" for k, v in d["default_layout_over_contiguous_speed"].items()) + ".\n"
     if d.get("note"):
         out += f"\n{d['note']}\n"
     return out
@@ -489,6 +494,7 @@ PAGES: dict[str, Callable[[dict], str]] = {
     "dgnet_cpu_run_milestones_0.6_0.9": dgnet_cpu_run,
     "dgnet_speed": dgnet_speed,
     "dgnet_speed_arms": dgnet_speed,
+    "dgnet_speed_layout": dgnet_speed,
     "dgnet_id_ramp": dgnet_id_ramp,
     "export_size": export_size,
     "crgan_quality": crgan_quality,

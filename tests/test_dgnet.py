@@ -103,6 +103,11 @@ def test_resume_equals_uninterrupted(dg_run, tmp_path):
                 assert rec[key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
     assert sum("l_prim" in r for r in resumed.values()) >= 4
     assert cfg_dict["iterations"] == 96
+    # It trained in channels_last, on the CPU too (faster there), the frozen teacher included.
+    for net in (trainer.net.ea, trainer.net.dec, trainer.net.dis, trainer.teacher.net):
+        spatial = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)
+                   and m.weight.shape[1] > 1 and m.weight.shape[2] > 1]
+        assert spatial and all(w.is_contiguous(memory_format=torch.channels_last) for w in spatial)
 
 
 def test_mismatched_teacher_is_refused(market_mini, teacher, tmp_path):

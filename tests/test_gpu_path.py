@@ -165,6 +165,23 @@ def test_prepare_changes_nothing_on_the_cpu_and_unfuses_a_cuda_state(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(_params(reference.conv), _params(task.conv)))
 
 
+def test_a_task_measured_faster_in_channels_last_gets_it_on_the_cpu(tmp_path):
+    loop = TrainLoop("dgnet", tmp_path, progress=False)
+    loop.pick_device("cpu", amp=False)
+    reference, task = _Tiny(loop), _Tiny(loop)
+    task.channels_last_on_cpu = True
+    task.frozen = torch.nn.Conv2d(3, 3, 3)  # not trained, an attribute (as a frozen feature network)
+    loop.prepare(task)
+    assert task.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert task.frozen.weight.is_contiguous(memory_format=torch.channels_last)
+    assert reference.conv[0].weight.is_contiguous()
+    for _ in range(2):
+        reference.step_once()
+        task.step_once()
+    # The same training, up to the rounding of another convolution algorithm.
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(_params(reference.conv), _params(task.conv)))
+
+
 @needs_cuda
 def test_prepare_on_cuda_fuses_adam_and_uses_channels_last(tmp_path):
     loop = TrainLoop("reid", tmp_path, progress=False)

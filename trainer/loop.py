@@ -12,7 +12,8 @@ The loop owns:
   else fp16 with one `GradScaler` over every optimiser of the task (`update`; its state is in the
   checkpoint), channels_last for the convolutional networks, fused Adam and ``cudnn.benchmark``;
   on the CPU nothing of this changes a number (fp32, or bf16 autocast when the task asks for it);
-- ``torchrun``: rank 0 alone writes; every rank starts from rank 0's weights, draws its own batches
+- ``torchrun``: rank 0 alone writes (on several machines, each machine without shared storage
+  keeps a copy of the checkpoints); every rank starts from rank 0's weights, draws its own batches
   (`rank_seed`) and averages gradients before each optimiser step (`update`, one flat all-reduce,
   `trainer.distributed`); at the end the ranks' parameter checksums are logged.
 
@@ -32,6 +33,7 @@ The model that inference builds is ``models["model"]`` (CR-GAN: ``models["gen"]`
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,7 @@ from trainer.distributed import (
     init_distributed,
     main_first,
     parameter_checksum,
+    sees_main_folder,
     shutdown,
 )
 from trainer.runlog import RunLog, plot_metrics
@@ -85,6 +88,7 @@ class Task:
 
     kind: str = ""                 # the checkpoint kind: reid, dgnet, crgan
     save_untrained: bool = False   # with keep_checkpoints, also save the state before the first step
+    channels_last_on_cpu: bool = False  # its networks run faster in channels_last on the CPU too (measured)
     cfg: object
     loop: "TrainLoop"
     models: dict[str, torch.nn.Module]
@@ -105,6 +109,12 @@ class Task:
     def lr_factor(self) -> float | None:
         """The learning-rate factor for the coming step (None: leave the optimisers' rates alone)."""
         return None
+
+    def layout_modules(self) -> list[torch.nn.Module]:
+        """The networks whose memory layout the loop sets: the trained models and the task's other
+        module attributes (frozen feature networks)."""
+        modules = list(self.models.values())
+        return modules + [m for m in vars(self).values() if isinstance(m, torch.nn.Module) and m not in modules]
 
     def checkpoint_due(self, total: int) -> bool:
         every = self.cfg.checkpoint_every
@@ -155,6 +165,7 @@ class TrainLoop:
         self.precision = "auto"   # or "fp32", "bf16", "fp16": forced (bench/gpu_check.py compares them)
         self.scaler: torch.amp.GradScaler | None = None  # fp16 autocast on CUDA only
         self._log: RunLog | None = None
+        self.node_copy = False  # this machine keeps its own copy of the checkpoints (`run`)
 
     # -- what tasks use -------------------------------------------------------------------------
     @property
@@ -225,16 +236,14 @@ class TrainLoop:
         """The device's layout and optimiser settings, applied to a built (and restored) task; `run`
         calls it, and so may a caller that drives ``train_step`` itself. Idempotent.
 
-        On CUDA: the convolutional networks (the task's ``models`` and its other module
-        attributes, e.g. a frozen teacher) in channels_last, and Adam/AdamW fused. On the CPU:
-        nothing changes, except that optimiser states resumed from a CUDA run are made plain again
-        (unfused, steps on the CPU). Either way each state tensor gets its parameter's layout, so
-        that a checkpoint resumes on the other device."""
+        On CUDA: the convolutional networks (``task.layout_modules()``, a frozen teacher
+        included) in channels_last, and Adam/AdamW fused. On the CPU: channels_last only for a task
+        that was measured faster so (``channels_last_on_cpu``), and optimiser states resumed from a
+        CUDA run are made plain again (unfused, steps on the CPU). Either way each state tensor
+        gets its parameter's layout, so that a checkpoint resumes on the other device."""
         cuda = self.device.type == "cuda"
-        if cuda:
-            modules = list(task.models.values())
-            modules += [m for m in vars(task).values() if isinstance(m, torch.nn.Module) and m not in modules]
-            for module in modules:
+        if cuda or task.channels_last_on_cpu:
+            for module in task.layout_modules():
                 if any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
                     module.to(memory_format=torch.channels_last)
         for opt in task.optimizers.values():
@@ -284,6 +293,13 @@ class TrainLoop:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
             self._log = RunLog(out / "metrics.jsonl", resume_step=task.step if self.resumed else None)
+        # Several machines: the first process of a machine whose --out is not rank 0's folder (a
+        # disk of its own, not shared storage) writes the checkpoints there too, so that every
+        # machine holds the run's weights and can resume; the log, grids and plots stay rank 0's.
+        self.node_copy = not sees_main_folder(out, self.ctx) and self.ctx.node_leader
+        if self.node_copy:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         task.before_training()
         if getattr(cfg, "keep_checkpoints", False) and task.save_untrained and task.step == 0:
             self.save(task, last)  # the untrained state too: "before" for every later comparison
@@ -322,9 +338,11 @@ class TrainLoop:
         bar.close()
         end = task.after_training()
         sums = gather_objects(sum(parameter_checksum(m) for m in task.models.values()), self.ctx)
+        hosts = gather_objects((socket.gethostname(), self.node_copy), self.ctx)
         if self._log is not None:
             self.write(step=task.step, event="end", ranks=self.ctx.world_size, parameter_checksums=sums,
-                       ranks_in_sync=len(set(sums)) == 1, **end)
+                       ranks_in_sync=len(set(sums)) == 1, hosts=[h for h, _ in hosts],
+                       checkpoint_copies=[rank for rank, (_, copy) in enumerate(hosts) if copy], **end)
             self._log.close()
             self._log = None
             self.draw_plots(task)
@@ -333,9 +351,10 @@ class TrainLoop:
         return last
 
     def save(self, task: Task, path: Path) -> None:
-        """Every rank takes part (each one's RNG state is kept, for an exact resume); rank 0 writes."""
+        """Every rank takes part (each one's RNG state is kept, for an exact resume); rank 0 writes,
+        and the first process of each machine that does not share rank 0's folder (`run`)."""
         states = gather_objects(rng_state(), self.ctx)
-        if not self.is_main:
+        if not (self.is_main or self.node_copy):
             return
         payload = {**task.checkpoint_fields(),
                    "models": {name: m.state_dict() for name, m in task.models.items()},

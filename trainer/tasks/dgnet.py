@@ -227,6 +227,10 @@ class DGNetTrainer(Task):
 
     kind = "dgnet"
     save_untrained = True
+    # EfficientNet-Lite's depthwise convolutions, forward and backward, run about 1.6× faster in
+    # channels_last with oneDNN on the CPU; the whole small-preset iteration about 1.3×
+    # (docs/dgnet/training.md, "Speed").
+    channels_last_on_cpu = True
 
     def __init__(self, cfg: DGNetTrainConfig, out: str | Path, resume: str | Path | None = None,
                  progress: bool = True):
@@ -500,6 +504,9 @@ class DGNetTrainer(Task):
     def total_steps(self) -> int:
         cfg = self.cfg
         return min(cfg.iterations, cfg.max_steps) if cfg.max_steps else cfg.iterations
+
+    def layout_modules(self) -> list[torch.nn.Module]:
+        return super().layout_modules() + [t.net for t in (self.teacher, self.judge) if t is not None]
 
     def batches(self):
         return self._batches()
