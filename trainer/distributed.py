@@ -6,11 +6,19 @@ GANs step several optimisers per iteration, which DistributedDataParallel's
 one-forward-one-backward hooks do not fit. Instead every rank
 computes its gradients and they are averaged with one flat all-reduce per optimiser step:
 the same arithmetic as DDP, and a single code path with or without torchrun.
+
+Several machines (``torchrun --nnodes N``, docs/scaling/training.md): ranks are global (``RANK``:
+batches, who writes the run folder), devices local (``LOCAL_RANK``: the GPU). Rank 0 writes the
+run folder. With the c10d rendezvous the machine that runs rank 0 is chosen by the rendezvous
+(``--node-rank`` is ignored), so a machine whose ``--out`` is not rank 0's folder (a local disk)
+keeps its own copy of the checkpoints (`sees_main_folder`): every machine can resume.
 """
 from __future__ import annotations
 
 import contextlib
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +40,11 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def node_leader(self) -> bool:
+        """The first process of its machine (several machines: ``torchrun --nnodes``)."""
+        return self.local_rank == 0
 
 
 def init_distributed() -> DistContext:
@@ -83,6 +96,24 @@ def main_first(ctx: DistContext):
     yield
     if ctx.enabled and ctx.is_main:
         dist.barrier()
+
+
+def sees_main_folder(folder: Path, ctx: DistContext) -> bool:
+    """Whether this rank's ``folder`` is rank 0's (one folder on storage every machine shares) or
+    a folder of the same name on a disk of its own machine. Every rank must call it, after rank 0
+    has made the folder: rank 0 puts a marker of a random name in it while the others look for it
+    (a name never looked up before, so no machine answers from a cached "not found")."""
+    if not ctx.enabled:
+        return True
+    marker = folder / f".rank0-{gather_objects(uuid.uuid4().hex, ctx)[0]}"
+    if ctx.is_main:
+        marker.touch()
+    dist.barrier()
+    seen = marker.is_file()
+    dist.barrier()
+    if ctx.is_main:
+        marker.unlink()
+    return seen
 
 
 def gather_objects(obj, ctx: DistContext) -> list:

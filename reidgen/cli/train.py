@@ -102,7 +102,7 @@ def cmd_train_reid(args: argparse.Namespace) -> int:
 
     if args.resume:
         last = train_reid(None, args.out, resume=args.resume)  # type: ignore[arg-type]
-        saved = json.loads((Path(args.out) / "config.json").read_text())
+        saved = None  # read from the run folder below, on rank 0 (another machine may not have it)
     else:
         if not args.data:
             raise ReidgenError("--data is required (a Market-style folder or a data set name)")
@@ -117,6 +117,8 @@ def cmd_train_reid(args: argparse.Namespace) -> int:
     if TorchrunSettings.from_env().rank != 0:
         return 0  # under torchrun every rank trains; rank 0 alone wrote the run and evaluates it
     print(f"checkpoint: {last}")
+    if saved is None:
+        saved = json.loads((Path(args.out) / "config.json").read_text())
     eval_data = saved["eval_data"] or (saved["target"] if saved["online_render"] else saved["data"])
     if saved["evaluate"] and (Path(eval_data) / "query").is_dir():
         report = evaluate_checkpoint(last, eval_data)
