@@ -75,6 +75,16 @@ def broadcast_parameters(module: torch.nn.Module, ctx: DistContext) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def broadcast_buffers(modules, ctx: DistContext) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics, which each rank updates
+    from its own batches), as DDP does: then every rank holds the same weights, and a machine's own
+    copy of a checkpoint equals rank 0's. Rank 0's buffers are left as they are."""
+    if ctx.enabled:
+        for module in modules:
+            for t in module.buffers():
+                dist.broadcast(t.data, src=0)
+
+
 def average_gradients(params: list[torch.nn.Parameter], ctx: DistContext) -> None:
     if not ctx.enabled:
         return
@@ -125,9 +135,9 @@ def gather_objects(obj, ctx: DistContext) -> list:
 
 
 def parameter_checksum(module: torch.nn.Module) -> float:
-    """A cheap fingerprint to check that the ranks hold the same weights."""
+    """A cheap fingerprint to check that the ranks hold the same weights (parameters and buffers)."""
     with torch.no_grad():
-        return float(sum(p.double().sum() for p in module.parameters()))
+        return float(sum(t.double().sum() for t in [*module.parameters(), *module.buffers()]))
 
 
 def shutdown(ctx: DistContext) -> None:

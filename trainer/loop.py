@@ -50,6 +50,7 @@ from reidgen.core.images import image_grid
 from reidgen.core.rng import rng_state, set_rng_state
 from trainer.distributed import (
     average_gradients,
+    broadcast_buffers,
     broadcast_parameters,
     device_for,
     gather_objects,
@@ -354,6 +355,7 @@ class TrainLoop:
         """Every rank takes part (each one's RNG state is kept, for an exact resume); rank 0 writes,
         and the first process of each machine that does not share rank 0's folder (`run`)."""
         states = gather_objects(rng_state(), self.ctx)
+        broadcast_buffers(task.models.values(), self.ctx)
         if not (self.is_main or self.node_copy):
             return
         payload = {**task.checkpoint_fields(),
