@@ -142,6 +142,7 @@ async def load(url: str, args, spec: dict, states) -> dict:
     get_submit_s: list[float] = []
     get_drain_s: list[float] = []
     refused = {"429": 0, "503": 0, "other": 0}
+    transport_errors = {"post": 0, "get": 0}  # connections closed under a request (counted, not retried)
     next_job = iter(range(args.jobs))
     submitting = True
     done = asyncio.Event()
@@ -153,7 +154,11 @@ async def load(url: str, args, spec: dict, states) -> dict:
                 body = {"spec": {**spec, "seed": i}, "out": f"load-{i:05d}"}
                 while True:
                     t = time.monotonic()
-                    r = await http.post("/v1/jobs", json=body)
+                    try:
+                        r = await http.post("/v1/jobs", json=body)
+                    except httpx.TransportError:  # not repeated: the job may have been taken
+                        transport_errors["post"] += 1
+                        break
                     post_s.append(time.monotonic() - t)
                     if r.status_code == 202:
                         accepted.append((time.monotonic(), r.json()["id"]))
@@ -171,7 +176,11 @@ async def load(url: str, args, spec: dict, states) -> dict:
                     continue
                 job_id = random.choice(accepted)[1]
                 t = time.monotonic()
-                r = await http.get(f"/v1/jobs/{job_id}")
+                try:
+                    r = await http.get(f"/v1/jobs/{job_id}")
+                except httpx.TransportError:
+                    transport_errors["get"] += 1
+                    continue
                 (get_submit_s if submitting else get_drain_s).append(time.monotonic() - t)
                 if r.status_code != 200:
                     raise RuntimeError(f"GET /v1/jobs/{job_id} answered {r.status_code}: {r.text[:300]}")
@@ -200,7 +209,8 @@ async def load(url: str, args, spec: dict, states) -> dict:
     for state in ended.values():
         finals[state] = finals.get(state, 0) + 1
     return {"t0": t0, "t_submitted": t_submitted, "t_done": t_done, "accepted": accepted, "post_s": post_s,
-            "get_submit_s": get_submit_s, "get_drain_s": get_drain_s, "refused": refused, "final_states": finals}
+            "get_submit_s": get_submit_s, "get_drain_s": get_drain_s, "refused": refused,
+            "transport_errors": transport_errors, "final_states": finals}
 
 
 async def submit_only(url: str, spec: dict, first: int, count: int, clients: int) -> list[str]:
@@ -277,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", default="teacher", help="its teacher's name under --models (default teacher)")
     p.add_argument("--data", default="market1501_mini", help="a data set name under $REIDGEN_DATA")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    p.add_argument("--header-timeout", type=float, default=10, help="the server's --header-timeout and "
+                                                                     "--body-timeout (its defaults: 10 s, 60 s)")
     p.add_argument("--ready-seconds", type=float, default=1800, help="how long the server and workers may "
                                                                       "take to start (default 1800)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds the jobs may take to end")
@@ -323,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         server_log = work / "serve.log"
         procs.append(subprocess.Popen(reidgen + ["serve", "--models", str(models), "--host", "127.0.0.1",
                                                  "--port", str(port), "--device", "cpu", "--jobs",
-                                                 "--max-active-jobs", str(max_active)],
+                                                 "--max-active-jobs", str(max_active),
+                                                 "--header-timeout", str(args.header_timeout),
+                                                 "--body-timeout", str(args.header_timeout)],
                                       env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{port}"
         wait_ready(logs, procs[:-1], args.ready_seconds)
@@ -367,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             "first_to_last_accept_seconds": round(max(times) - min(times), 2) if times else None,
             "post_latency": latency_ms(run["post_s"]),
             "refused": run["refused"],
+            "transport_errors": run["transport_errors"],
             "get_latency_while_submitting": latency_ms(run["get_submit_s"]),
             "get_latency_while_draining": latency_ms(run["get_drain_s"]),
             "all_ended_seconds": round(run["t_done"] - run["t0"], 2),
@@ -400,9 +415,15 @@ def main(argv: list[str] | None = None) -> int:
                 "niceness": os.nice(0),
                 "redis": "local redis-server, one database, a key prefix of the run",
                 "server": "reidgen serve, one uvicorn process on loopback, no API key",
+                "server_header_and_body_timeout_s": args.header_timeout,
             },
             "results": results,
         }, path=Path(args.out))
+    except BaseException:
+        for log in (work / "serve.log", work / "worker-00.log"):
+            if log.exists():
+                print(f"--- {log.name}, last lines:\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+        raise
     finally:
         stop(procs)
         for key in client.scan_iter(f"{prefix}*"):
