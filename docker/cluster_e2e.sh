@@ -58,8 +58,11 @@ m = re.match(r"v?(\d+)\.(\d+)", sys.argv[1])
 sys.exit(0 if m and (int(m[1]), int(m[2])) >= (2, 24) else 1)
 EOF
 # The head's address as host 2 sees it: Docker's default bridge on this machine (a lab: the head's name).
-GW="$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}' 2>/dev/null)" \
-    || die "no default Docker bridge network"
+# (Docker 20.10 leaves the gateway out of the default bridge's IPAM: the subnet's first address.)
+GW="$(docker network inspect bridge --format '{{range .IPAM.Config}}{{.Gateway}} {{.Subnet}}{{end}}' 2>/dev/null \
+      | python3 -c 'import ipaddress, sys; w = sys.stdin.read().split()
+print(w[0] if len(w) > 1 else next(ipaddress.ip_network(w[0]).hosts()))')" && [ -n "$GW" ] \
+    || die "no address of the default Docker bridge network"
 for where in 127.0.0.1:8000 "$GW:6380" 127.0.0.1:29400; do
     python3 -c "import socket, sys; h, p = sys.argv[1].rsplit(':', 1); socket.socket().bind((h, int(p)))" "$where" \
         2>/dev/null || die "$where is in use"
@@ -199,7 +202,7 @@ say "host 2's worker is on: $nets"
 [ "$nets" = "${HOST2}_default " ] || die "host 2's worker is on other networks: $nets"
 REDIS_IP=$(docker inspect --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' \
            "$(docker compose ps -q redis)")
-docker exec "$one" python - "$REDIS_IP" <<'EOF' || die "host 2 reaches the head's containers directly"
+docker exec -i "$one" python - "$REDIS_IP" <<'EOF' || die "host 2 reaches the head's containers directly"
 import socket, sys
 try:
     socket.gethostbyname("redis")
@@ -226,14 +229,15 @@ try:
         connection.ensure_connection(max_retries=1, timeout=15)
     redis.Redis.from_url(redis_url(), socket_connect_timeout=15, socket_timeout=15).ping()
 except Exception as exc:
-    print(f"refused: {type(exc).__name__}: {str(exc)[:160]}")
+    print(f"refused: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
     sys.exit(3)
 print("connected")'
 probe() {  # probe EXPECTED NAME [docker compose run -e ...]
     local expected=$1 name=$2 out rc
     shift 2
     set +e
-    out=$(h2 run --rm -T --no-deps --entrypoint python "$@" worker -c "$PROBE" 2>&1 | tail -n 1)
+    out=$(h2 run --rm -T --no-deps --entrypoint python "$@" worker -c "$PROBE" 2>&1 \
+          | grep -E '^(refused: |connected$)' | tail -n 1)
     rc=$?
     set -e
     say "$name: $out"
