@@ -229,7 +229,8 @@ try:
         connection.ensure_connection(max_retries=1, timeout=15)
     redis.Redis.from_url(redis_url(), socket_connect_timeout=15, socket_timeout=15).ping()
 except Exception as exc:
-    print(f"refused: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+    message = " ".join(str(exc).split())[:160]
+    print(f"refused: {type(exc).__name__}: {message}")
     sys.exit(3)
 print("connected")'
 probe() {  # probe EXPECTED NAME [docker compose run -e ...]
