@@ -145,14 +145,14 @@ echo 'COMPOSE_FILE=docker-compose.yml:docker-compose.cpu.yml:docker-compose.head
 if curl -fs --max-time 20 -o /dev/null https://download.pytorch.org/whl/cpu/torch/; then
     echo 'TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' >> .env
 fi
-mkdir -p models mask-models runs runs-host2 shards secrets && chmod 700 secrets
+mkdir -p models mask-models runs shards secrets && chmod 700 secrets
 for s in api_key redis_password; do
     python3 -c "import secrets; print(secrets.token_urlsafe(32))" > "secrets/$s"
 done
 python3 -c "import secrets; print('admin:' + secrets.token_urlsafe(24))" > secrets/flower_basic_auth
 docker/make-ca.sh secrets/tls "$GW" | sed 's/^/    /'
 chmod 600 secrets/api_key secrets/redis_password secrets/flower_basic_auth
-[ "$(id -u)" != 0 ] || chown -R "$U:$G" models runs runs-host2 shards secrets
+[ "$(id -u)" != 0 ] || chown -R "$U:$G" models runs shards secrets
 # Host 2's settings: its own file, as on another machine; the same shared folders and secrets.
 cat > host2.env <<EOF
 HEAD_HOST=$GW
@@ -161,7 +161,7 @@ HOST_DATA_DIR=$DATA
 HOST_MODELS_DIR=$PWD/models
 HOST_SHARDS_DIR=$PWD/shards
 HOST_MASK_MODELS_DIR=$PWD/mask-models
-HOST_RUNS_DIR=$PWD/runs-host2
+HOST_RUNS_DIR=$PWD/runs
 CONTAINER_UID=$U
 CONTAINER_GID=$G
 EOF
@@ -336,9 +336,9 @@ set -e
 tail -n 3 "$WORK/node0.log" | sed 's/^/    node 0 | /'
 tail -n 3 "$WORK/node1.log" | sed 's/^/    node 1 | /'
 [ "$rc0" = 0 ] && [ "$rc1" = 0 ] || die "the nodes exited $rc0 and $rc1"
-# Rank 0 (the run folder) is on whichever host the rendezvous numbered 0; the other keeps a copy of
-# the checkpoints in its own --out. The run's end record says whether the ranks ended in sync.
-python3 - runs/cluster-reid runs-host2/cluster-reid <<'EOF' || die "the two nodes' run is incomplete"
+# Both nodes' --out is the shared runs folder: rank 0 (whichever host the rendezvous numbered 0)
+# writes the run there. The run's end record says whether the ranks ended in sync.
+python3 - runs/cluster-reid <<'EOF' || die "the two nodes' run is incomplete"
 import json, sys
 from pathlib import Path
 ends = []

@@ -167,7 +167,7 @@ def test_the_worker_host_runs_workers_only_over_tls_with_the_secrets(monkeypatch
         for variable in ("REIDGEN_DATA", "REIDGEN_MODELS_ROOT", "REIDGEN_SHARDS_ROOT", "REIDGEN_MASK_MODEL"):
             assert env[variable] == environment(head_worker)[variable], (name, variable)
     # The worker mounts each folder from the same variable as the head's worker, at the same path.
-    assert doc["services"]["worker"]["volumes"] == [v for v in head_worker["volumes"] if "/runs" not in v]
+    assert doc["services"]["worker"]["volumes"] == head_worker["volumes"]
     for secret, spec in doc["secrets"].items():
         assert spec["file"].startswith("./secrets/"), secret
     # What the code makes of the environment: the URL with the password and the three files.
