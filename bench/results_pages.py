@@ -91,6 +91,7 @@ TITLES = {
     "dgnet_speed": "DG-Net training speed, both presets, fp32 and bf16",
     "dgnet_speed_arms": "DG-Net: each lever's cost per iteration",
     "dgnet_speed_layout": "DG-Net on the CPU: channels_last against contiguous NCHW, small and fast settings",
+    "load_head": "Load on the head: job submissions, status polls and Redis memory with 16 workers",
     "dgnet_cpu_run": "DG-Net small preset, 1,450 iterations on one core (run B)",
     "dgnet_cpu_run_id_cross_1": "DG-Net small preset with λ_id = 1.0 (run C)",
     "dgnet_cpu_run_milestones_0.6_0.9": "DG-Net small preset with the reference's lr drops (run A)",
