@@ -90,6 +90,9 @@ def _beside(name: str, fn, args: tuple, log: Path):
     torch.set_num_threads(half)
     try:
         yield
+    except BaseException:
+        child.terminate()  # the demo stops here: no point waiting for the other stage to finish
+        raise
     finally:
         torch.set_num_threads(threads)
         child.join()
