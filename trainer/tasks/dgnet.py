@@ -227,9 +227,8 @@ class DGNetTrainer(Task):
 
     kind = "dgnet"
     save_untrained = True
-    # EfficientNet-Lite's depthwise convolutions, forward and backward, run about 1.6× faster in
-    # channels_last with oneDNN on the CPU; the whole small-preset iteration about 1.3×
-    # (docs/dgnet/training.md, "Speed").
+    # oneDNN's convolutions run faster on channels-last tensors: the small preset's iteration 1.25×
+    # (bench/results/dgnet_speed_layout.json; docs/dgnet/training.md, "Speed").
     channels_last_on_cpu = True
 
     def __init__(self, cfg: DGNetTrainConfig, out: str | Path, resume: str | Path | None = None,
