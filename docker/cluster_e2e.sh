@@ -29,34 +29,19 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-T0=$(date +%s.%N)
 TIMEOUT="${E2E_TIMEOUT:-900}"
 WORK=""
-STEP=""
 HOST2=host2
 JOB_OUT=cluster-job
 SHARDS=12
 
-elapsed() { python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):7.1f}')" "$1"; }
-step() {
-    [ -z "$STEP" ] || echo "[cluster-e2e $(elapsed "$T0") s] ok   $STEP ($(elapsed "$T_STEP") s)"
-    STEP="$1"; T_STEP=$(date +%s.%N)
-    echo "[cluster-e2e $(elapsed "$T0") s] ---- $STEP"
-}
-die() { echo "[cluster-e2e $(elapsed "$T0") s] FAIL $STEP: $*" >&2; exit 1; }
+E2E_TAG=cluster-e2e
+# shellcheck source=docker/steps.sh
+. "$REPO/docker/steps.sh"
 say() { echo "    $*"; }
 
 # -- tools, free ports, data ------------------------------------------------------------------------
-for tool in docker curl python3 git openssl; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
-docker info >/dev/null 2>&1 || die "the Docker engine does not answer (is dockerd running?)"
-COMPOSE_VERSION="$(docker compose version --short 2>/dev/null || true)"
-python3 - "$COMPOSE_VERSION" <<'EOF' || die "needs Docker Compose v2.24+ as 'docker compose' (docs/deployment.md, step 0)"
-import re, sys
-m = re.match(r"v?(\d+)\.(\d+)", sys.argv[1])
-sys.exit(0 if m and (int(m[1]), int(m[2])) >= (2, 24) else 1)
-EOF
+require_tools docker curl python3 git openssl
 # The head's address as host 2 sees it: Docker's default bridge on this machine (a lab: the head's name).
 # (Docker 20.10 leaves the gateway out of the default bridge's IPAM: the subnet's first address.)
 GW="$(docker network inspect bridge --format '{{range .IPAM.Config}}{{.Gateway}} {{.Subnet}}{{end}}' 2>/dev/null \

@@ -23,31 +23,16 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-T0=$(date +%s.%N)
 TIMEOUT="${E2E_TIMEOUT:-600}"
 WORK=""
-STEP=""
 BLOCK_LOG=""
 
-elapsed() { python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):7.1f}')" "$1"; }
-step() {
-    [ -z "$STEP" ] || echo "[e2e $(elapsed "$T0") s] ok   $STEP ($(elapsed "$T_STEP") s)"
-    STEP="$1"; T_STEP=$(date +%s.%N)
-    echo "[e2e $(elapsed "$T0") s] ---- $STEP"
-}
-die() { echo "[e2e $(elapsed "$T0") s] FAIL $STEP: $*" >&2; exit 1; }
+E2E_TAG=e2e
+# shellcheck source=docker/steps.sh
+. "$REPO/docker/steps.sh"
 
 # -- tools, free ports, data ------------------------------------------------------------------------
-for tool in docker curl python3 git; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
-docker info >/dev/null 2>&1 || die "the Docker engine does not answer (is dockerd running? are you in the docker group?)"
-COMPOSE_VERSION="$(docker compose version --short 2>/dev/null || true)"
-python3 - "$COMPOSE_VERSION" <<'EOF' || die "needs Docker Compose v2.24+ as 'docker compose' (found '${COMPOSE_VERSION:-none}'); the page's step 0 installs it"
-import re, sys
-m = re.match(r"v?(\d+)\.(\d+)", sys.argv[1])
-sys.exit(0 if m and (int(m[1]), int(m[2])) >= (2, 24) else 1)
-EOF
+require_tools docker curl python3 git
 for port in 8000 5555; do
     python3 -c "import socket, sys; socket.socket().bind(('0.0.0.0', int(sys.argv[1])))" "$port" 2>/dev/null \
         || die "port $port is in use: the page's commands use 8000 (api) and 5555 (Flower)"

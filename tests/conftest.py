@@ -123,6 +123,20 @@ def tiny_dgnet(market_mini, tmp_path_factory) -> dict:
     return {"root": root, "data": data, "teacher": teacher, "dgnet": dgnet}
 
 
+@pytest.fixture(scope="session")
+def make_shards(tiny_dgnet):
+    """``make_shards(out, **spec)``: a shard job of the tiny DG-Net run in-process into ``out``."""
+    from api_schemas.jobs import JobSpec
+    from worker.run import run_job
+
+    def make(out: Path, **spec) -> Path:
+        job = JobSpec(kind="dgnet_random_structures", checkpoint=str(tiny_dgnet["dgnet"]),
+                      data=str(tiny_dgnet["data"]), structures_per_image=2, batch_size=4, top_k=3, **spec)
+        run_job(job, out, device="cpu", progress=False)
+        return out
+    return make
+
+
 # The jobs tests' Redis database: apart from the default one a developer's own jobs may use.
 TEST_DB = 13
 

@@ -68,15 +68,8 @@ def end_record(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def shards(tiny_dgnet, tmp_path_factory):
-    from api_schemas.jobs import JobSpec
-    from worker.run import run_job
-
-    out = tmp_path_factory.mktemp("multinode-shards")
-    spec = JobSpec(kind="dgnet_random_structures", checkpoint=str(tiny_dgnet["dgnet"]), data=str(tiny_dgnet["data"]),
-                   subset=8, structures_per_image=2, shard_size=8, batch_size=4, seed=2, top_k=3)
-    run_job(spec, out, device="cpu", progress=False)
-    return out
+def shards(make_shards, tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("multinode-shards"), subset=8, shard_size=8, seed=2)
 
 
 def test_train_reid_on_shards_across_two_nodes_sharing_the_run_folder(tiny_dgnet, shards, tmp_path):

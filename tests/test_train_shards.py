@@ -21,15 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def shards(tiny_dgnet, tmp_path_factory):
-    from api_schemas.jobs import JobSpec
-    from worker.run import run_job
-
-    out = tmp_path_factory.mktemp("train-shards")
-    spec = JobSpec(kind="dgnet_random_structures", checkpoint=str(tiny_dgnet["dgnet"]), data=str(tiny_dgnet["data"]),
-                   subset=12, structures_per_image=2, shard_size=10, batch_size=4, seed=5, top_k=3)
-    run_job(spec, out, device="cpu", progress=False)
-    return out
+def shards(make_shards, tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("train-shards"), subset=12, shard_size=10, seed=5)
 
 
 def label_map_of(data) -> LabelMap:
