@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from reidgen.core import device
 from reidgen.core.device import amp_dtype, autocast
 from reidgen.core.errors import ReidgenError
 from tests.cuda import needs_cuda
@@ -20,6 +21,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_amp_dtype_per_device(monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     assert amp_dtype(CPU, True) is None and amp_dtype(CPU, True, cpu=True) == torch.bfloat16
     assert amp_dtype(CPU, True, cpu=True, precision="fp32") is None
     assert amp_dtype(CPU, True, cpu=True, precision="fp16") is None
@@ -38,9 +40,14 @@ def test_amp_dtype_per_device(monkeypatch):
         assert (x @ x).dtype == torch.float32
     with autocast(CPU, True, cpu=True):
         assert (x @ x).dtype == torch.bfloat16
+    # Without native bf16 a preset's bf16 default stays fp32 (emulated bf16 is slower); forced, it holds.
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert amp_dtype(CPU, True, cpu=True) is None
+    assert amp_dtype(CPU, True, cpu=True, precision="bf16") == torch.bfloat16
 
 
-def test_loop_precision_on_the_cpu_has_no_scaler(tmp_path):
+def test_loop_precision_on_the_cpu_has_no_scaler(tmp_path, monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
     loop = TrainLoop("reid", tmp_path, progress=False)
     assert loop.pick_device("cpu", amp=True) == CPU
     assert loop.amp_dtype is None and loop.scaler is None

@@ -341,7 +341,10 @@ class TrainLoop:
         sums = gather_objects(sum(parameter_checksum(m) for m in task.models.values()), self.ctx)
         hosts = gather_objects((socket.gethostname(), self.node_copy), self.ctx)
         if self._log is not None:
-            self.write(step=task.step, event="end", ranks=self.ctx.world_size, parameter_checksums=sums,
+            # What autocast ran in: a preset's CPU bf16 default falls back to fp32 without native bf16.
+            precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+            self.write(step=task.step, event="end", precision=precision, ranks=self.ctx.world_size,
+                       parameter_checksums=sums,
                        ranks_in_sync=len(set(sums)) == 1, hosts=[h for h, _ in hosts],
                        checkpoint_copies=[rank for rank, (_, copy) in enumerate(hosts) if copy], **end)
             self._log.close()
