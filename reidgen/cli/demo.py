@@ -24,7 +24,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job, small and end to end on CPU (writes RUN/report.html)",
-                       description="The main job on the embedded default (no Redis, no Docker), about 15 minutes on "
+                       description="The main job on the embedded default (no Redis, no Docker), about 16 minutes on "
                                    "2 CPU cores with market1501_mini: train a teacher, train DG-Net, write a swap "
                                    "grid, generate a shard job in-process, train a re-id model on real + synthetic "
                                    "images, evaluate all three and write a self-contained HTML report. Finished "
