@@ -6,6 +6,11 @@ different data (a folder changed between two workers) are refused instead of mix
 
 Random choices are seeded from the spec's seed and the position they concern (a subset draw,
 one appearance image's structures), never from process state.
+
+A split's listing is remembered per version of its folder (`list_split`: the folder's resolved
+path and `worker.stamps.Stamp`, which changes when an image is added, removed or renamed): jobs
+on one data set that differ in their seed or counts list it once. (`make_plan` keeps whole
+plans too, by spec alone: every shard of a job needs its plan.)
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ import numpy as np
 
 from api_schemas.jobs import JobSpec
 from reidgen.core.errors import about
-from reidgen.core.market import Item, scan_split
+from reidgen.core.market import SPLITS, Item, scan_split
 from reidgen.core.paths import confine, confine_model, resolve_data
 from worker.shards import OutPlace
+from worker.stamps import Stamp, settled, stamp
 
 PLAN_VERSION = b"reidgen-plan-2"  # in the hash: records computed per row, not listed
 
@@ -137,7 +143,27 @@ def _data_set(field: str, name: str, split: str, root: Path | None) -> tuple[Pat
     with about(field, "unknown_data", f"data set {name!r} not found (give the name of a Market-1501 style "
                                       f"data set on this server, with its {split} split)"):
         root = root if root is not None else resolve_data(name)
-        return root, scan_split(root, split)
+        return root, list_split(root, split)
+
+
+def list_split(root: Path, split: str) -> list[Item]:
+    """`scan_split` of ``root``, listed once per version of the split's folder. A folder that
+    changed just now, or is not there (`scan_split` says what is wrong), is listed each time."""
+    folder = (root / SPLITS[split]).resolve() if split in SPLITS else None
+    found = stamp(folder) if folder is not None else None
+    if found is None or not settled(found):
+        return scan_split(root, split)
+    listing = _listing_of_stamped(str(root), split, str(folder), found)
+    if stamp(folder) != found:  # changed while it was listed: the listing may be of either state,
+        _listing_of_stamped.cache_clear()  # so none stays remembered under the older stamp
+    return list(listing)
+
+
+@lru_cache(maxsize=16)
+def _listing_of_stamped(root: str, split: str, folder: str, found: Stamp) -> tuple[Item, ...]:
+    """``folder`` (the split's, resolved) and ``found`` only key the cache: the items keep the
+    paths under ``root`` as given, as `scan_split` names them."""
+    return tuple(scan_split(root, split))
 
 
 def make_plan(spec: JobSpec, data: Path | None = None, target: Path | None = None) -> Plan:
