@@ -36,7 +36,7 @@ class DemoConfig:
     out: str
     epochs: int = 4               # teacher and the real + synthetic model (small preset)
     dgnet_iterations: int = 200   # DG-Net iterations
-    # Per loader. 6 instead of the preset's 8: a quarter less compute per iteration, and at 200
+    # Per loader. 6 instead of the preset's 8: 12 % less time per iteration in the demo, and at 200
     # iterations on market1501_mini the same quality within noise (docs/demo.md, "Time").
     dgnet_batch_size: int = 6
     # The fast preset: the levers that converge fast on a CPU (README, "DG-Net in one CPU hour").
