@@ -9,7 +9,7 @@ Each preset runs in fp32 and in bf16 autocast (on the CPU: `cpu_bf16`, which pay
 native bf16 such as AVX512-BF16), side by side in one run.
 
     python bench/dgnet_speed.py [--data market1501_mini] [--iters 6] [--presets small paper]
-                                [--precisions fp32 bf16] [--threads N]
+                                [--precisions fp32 bf16] [--threads N] [--batch-sizes 4 6 8]
 
 ``--arms`` measures the small preset with each fast-convergence lever of `bench/dgnet_fast.py`
 instead (the cost side of issue 22's arms; an arm's CPU-minutes are its iterations × these
@@ -34,7 +34,7 @@ from bench.common import run_child, write_results  # noqa: E402
 
 
 def child(preset: str, precision: str, data: str, iters: int, warmup: int, teacher: str, out: str,
-          threads: int, arm: str = "", layout: str = "default") -> None:
+          threads: int, arm: str = "", layout: str = "default", batch: int = 0) -> None:
     import torch
 
     if threads:
@@ -50,7 +50,8 @@ def child(preset: str, precision: str, data: str, iters: int, warmup: int, teach
     cfg = dgnet_preset_config(preset, data=data, teacher=teacher, pretrained="none", iterations=warmup + iters,
                               feed_start=0.0, ramp=0.01, workers=1, grid_every=0, checkpoint_every=10**9,
                               quality_every=0, ea_from_teacher=False, amp=precision == "bf16",
-                              cpu_bf16=precision == "bf16", **(ARMS[arm] if arm else {}))
+                              cpu_bf16=precision == "bf16", **(ARMS[arm] if arm else {}),
+                              **({"batch_size": batch} if batch else {}))
     start = time.perf_counter()
     train_dgnet(cfg, out, progress=False)
     wall = time.perf_counter() - start
@@ -79,6 +80,8 @@ def main() -> int:
     ap.add_argument("--layouts", nargs="+", default=["default"], choices=["default", "contiguous"],
                     help="memory layouts: default (channels_last on the CPU where the trainer chooses it) and/or "
                          "contiguous (NCHW), side by side")
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[0], metavar="N",
+                    help="images per loader, side by side (0: the preset's own, 8)")
     ap.add_argument("--results", default="dgnet_speed", help="name of the JSON under bench/results/")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", help=argparse.SUPPRESS)
@@ -89,9 +92,9 @@ def main() -> int:
 
     data = str(resolve_data(args.data))
     if args.child:
-        preset, precision, arm, layout = args.child.split(":")
+        preset, precision, arm, layout, batch = args.child.split(":")
         child(preset, precision, data, args.iters, args.warmup, args.teacher, args.out_dir, args.threads, arm,
-              layout)
+              layout, int(batch))
         return 0
     if args.arms is not None:
         from bench.dgnet_fast import ARMS
@@ -112,35 +115,42 @@ def main() -> int:
         for preset, arm in runs:
             for precision in args.precisions:
                 for layout in args.layouts:
-                    results.append(run_child(
-                        __file__, "--child", f"{preset}:{precision}:{arm}:{layout}", "--data", data,
-                        "--iters", str(args.iters), "--warmup", str(args.warmup), "--teacher", teacher,
-                        "--threads", str(args.threads),
-                        "--out-dir", str(Path(tmp) / f"{preset}_{precision}_{arm}_{layout}")))
+                    for batch in args.batch_sizes:
+                        results.append(run_child(
+                            __file__, "--child", f"{preset}:{precision}:{arm}:{layout}:{batch}", "--data", data,
+                            "--iters", str(args.iters), "--warmup", str(args.warmup), "--teacher", teacher,
+                            "--threads", str(args.threads),
+                            "--out-dir", str(Path(tmp) / f"{preset}_{precision}_{arm}_{layout}_{batch}")))
 
     print(f"DG-Net training speed on {os.cpu_count()} CPU(s), {args.iters} measured iterations each")
-    print(f"{'preset':<8} {'arm':<10} {'precision':<9} {'layout':<10} {'backbone':<20} {'image':<9} {'it/s':>7} "
-          f"{'s/it':>7} {'peak RSS':>10}")
+    print(f"{'preset':<8} {'arm':<10} {'precision':<9} {'layout':<10} {'batch':>5} {'backbone':<20} {'image':<9} "
+          f"{'it/s':>7} {'s/it':>7} {'peak RSS':>10}")
     for r in results:
-        print(f"{r['preset']:<8} {r['arm'] or '':<10} {r['precision']:<9} {r['layout']:<10} {r['backbone']:<20} "
-              f"{'×'.join(map(str, r['image_size'])):<9} "
+        print(f"{r['preset']:<8} {r['arm'] or '':<10} {r['precision']:<9} {r['layout']:<10} {r['batch_per_loader']:>5} "
+              f"{r['backbone']:<20} {'×'.join(map(str, r['image_size'])):<9} "
               f"{r['iterations_per_second']:7.3f} {r['seconds_per_iteration']:7.2f} {r['peak_rss_mb']:8.0f} MB")
     layout_gain = {}
     for r in results:
         if r["layout"] == "contiguous":
             same = [d for d in results if d["layout"] == "default" and
-                    (d["preset"], d["precision"], d["arm"]) == (r["preset"], r["precision"], r["arm"])]
+                    (d["preset"], d["precision"], d["arm"], d["batch_per_loader"]) ==
+                    (r["preset"], r["precision"], r["arm"], r["batch_per_loader"])]
             if same:
                 key = ":".join(filter(None, (r["preset"], r["arm"], r["precision"])))
                 layout_gain[key] = r["seconds_per_iteration"] / same[0]["seconds_per_iteration"]
                 print(f"{key}: the default layout is {layout_gain[key]:.2f}× as fast as contiguous")
-    by = {(r["preset"], r["precision"]): r for r in results if not r["arm"] and r["layout"] == "default"}
+    # Speed-ups compare like with like: the same batch (named in the key when several were measured).
+    batches = sorted({r["batch_per_loader"] for r in results})
+    by = {(r["preset"], r["precision"], r["batch_per_loader"]): r for r in results
+          if not r["arm"] and r["layout"] == "default"}
+    by = {(preset + (f" batch {b}" if len(batches) > 1 else ""), precision): r
+          for (preset, precision, b), r in by.items()}
     ratio = None
     if ("small", "fp32") in by and ("paper", "fp32") in by:
         ratio = by["small", "fp32"]["iterations_per_second"] / by["paper", "fp32"]["iterations_per_second"]
         print(f"small preset is {ratio:.1f}× faster per iteration than the paper preset (fp32)")
     bf16_speedup = {}
-    for preset in args.presets:
+    for preset in sorted({name for name, _ in by}):
         if (preset, "fp32") in by and (preset, "bf16") in by:
             fp32, bf16 = by[preset, "fp32"], by[preset, "bf16"]
             bf16_speedup[preset] = bf16["iterations_per_second"] / fp32["iterations_per_second"]

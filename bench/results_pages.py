@@ -91,6 +91,7 @@ TITLES = {
     "dgnet_speed": "DG-Net training speed, both presets, fp32 and bf16",
     "dgnet_speed_arms": "DG-Net: each lever's cost per iteration",
     "dgnet_speed_layout": "DG-Net on the CPU: channels_last against contiguous NCHW, small and fast settings",
+    "dgnet_speed_fast": "DG-Net fast preset on two threads: images per loader, fp32 and bf16",
     "load_head": "Load on the head: job submissions, status polls and Redis memory with 16 workers",
     "dgnet_cpu_run": "DG-Net small preset, 1,450 iterations on one core (run B)",
     "dgnet_cpu_run_id_cross_1": "DG-Net small preset with λ_id = 1.0 (run C)",
@@ -276,10 +277,10 @@ def dgnet_speed(d: dict) -> str:
     rows = []
     for r in d["results"]:
         rows.append([r.get("arm") or r["preset"], r["precision"], r.get("layout", "contiguous"),
-                     "×".join(map(str, r["image_size"])), r["backbone"], r["torch_threads"],
+                     r["batch_per_loader"], "×".join(map(str, r["image_size"])), r["backbone"], r["torch_threads"],
                      f"{r['seconds_per_iteration']:.2f}", f"{r['peak_rss_mb'] / 1024:.1f}",
                      f"{r['cost_over_small']:.2f}×" if "cost_over_small" in r else "—"])
-    out = table(["preset / arm", "precision", "layout", "image", "E_a", "threads", "s/it", "peak RSS GB",
+    out = table(["preset / arm", "precision", "layout", "batch", "image", "E_a", "threads", "s/it", "peak RSS GB",
                  "cost over small"], rows)
     if d.get("bf16_over_fp32_speed"):
         out += "\n\nbf16 autocast speed-up over fp32: " + ", ".join(
@@ -496,6 +497,7 @@ PAGES: dict[str, Callable[[dict], str]] = {
     "dgnet_speed": dgnet_speed,
     "dgnet_speed_arms": dgnet_speed,
     "dgnet_speed_layout": dgnet_speed,
+    "dgnet_speed_fast": dgnet_speed,
     "dgnet_id_ramp": dgnet_id_ramp,
     "export_size": export_size,
     "crgan_quality": crgan_quality,
