@@ -122,6 +122,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--batch-size", type=int, default=0, help="images per loader (0: the preset's)")
+    ap.add_argument("--teacher-preset", default="tiny",
+                    help="re-id preset of the teacher (its architecture is what costs: the demo's is small)")
     ap.add_argument("--results", default="", help="name of the JSON under bench/results/ "
                                                   "(default dgnet_profile_<preset>_<precision>)")
     args = ap.parse_args()
@@ -139,12 +142,14 @@ def main() -> int:
     data = str(resolve_data(args.data))
     bf16 = args.precision == "bf16"
     with tempfile.TemporaryDirectory() as tmp:
-        # A tiny teacher: its weights do not change the cost of an iteration, only its architecture does.
-        teacher = train_reid(preset_config("tiny", data=data, max_steps=1, workers=0, evaluate=False),
+        # A teacher trained one step: its weights do not change the cost of an iteration, only its
+        # architecture does (the demo's and the presets' teachers are the small preset).
+        teacher = train_reid(preset_config(args.teacher_preset, data=data, max_steps=1, workers=0, evaluate=False),
                              Path(tmp) / "teacher", progress=False)
         cfg = dgnet_preset_config(args.preset, data=data, teacher=str(teacher), pretrained="none", workers=0,
                                   feed_start=0.0, ramp=0.01, grid_every=0, quality_every=0, ea_from_teacher=False,
-                                  iterations=10**6, amp=bf16, cpu_bf16=bf16)
+                                  iterations=10**6, amp=bf16, cpu_bf16=bf16,
+                                  **({"batch_size": args.batch_size} if args.batch_size else {}))
         trainer = DGNetTrainer(cfg, Path(tmp) / "run", progress=False)
         trainer.loop.prepare(trainer)  # the layout training runs in (channels_last on the CPU)
         batches = trainer.batches()
@@ -179,11 +184,13 @@ def main() -> int:
         print(f"{phase:<16} {ms:11.0f} {100 * ms / iteration_ms:19.1f}%")
     write_results(args.results or f"dgnet_profile_{args.preset}_{args.precision}", {
         "device": "cpu", "data": args.data, "preset": args.preset, "precision": args.precision,
-        "batch_per_loader": cfg.batch_size, "iterations_profiled": args.iters, "warmup": args.warmup,
+        "batch_per_loader": cfg.batch_size, "teacher_preset": args.teacher_preset,
+        "iterations_profiled": args.iters, "warmup": args.warmup,
         "iteration_ms": iteration_ms, "profiled_wall_ms": wall * 1e3, "ms_by_network_and_pass": per_it,
         "ms_by_phase": phases,
         "command": f"python bench/dgnet_profile.py --preset {args.preset} --data {args.data} --precision "
-                   f"{args.precision} --threads {args.threads} --iters {args.iters}"})
+                   f"{args.precision} --threads {args.threads} --iters {args.iters} --batch-size {cfg.batch_size} "
+                   f"--teacher-preset {args.teacher_preset}"})
     return 0
 
 
