@@ -246,6 +246,27 @@ def test_quality_command_prints_a_table_and_writes_the_json(tiny_dgnet, capsys):
         assert len(line.split()) > 4  # the value, then what it means
 
 
+def test_quality_without_the_floor_or_fid_keeps_every_other_figure(tiny_dgnet, tmp_path, capsys):
+    run = Path(tiny_dgnet["dgnet"]).parent.parent
+    reports = {}
+    for flags in ((), ("--no-floor",), ("--no-fid",)):
+        out = tmp_path / f"{'_'.join(flags) or 'all'}.json"
+        assert main(["quality", "--checkpoint", str(run), "--n", "8", "--out", str(out), *flags]) == 0
+        table = capsys.readouterr().out.splitlines()
+        reports[flags] = report = json.loads(out.read_text())
+        floor_left_out = bool(flags)
+        assert (report["fid_real"] is None) == floor_left_out and (report["kid_real"] is None) == floor_left_out
+        no_fid = flags == ("--no-fid",)
+        assert (report["fid"] is None) == no_fid and (report["kid"] is None) == no_fid
+        (line,) = [line for line in table if line.split()[:1] == ["fid_real"]]
+        assert ("not measured" in line) == floor_left_out
+    full, no_floor, no_fid = reports.values()
+    # The swaps, the real set and their figures do not depend on what Inception measures.
+    assert no_floor["fid"] == full["fid"] and no_floor["kid"] == full["kid"]
+    for key in ("identity_consistency", "reconstruction_identity", "reconstruction_ssim", "diversity_ssim"):
+        assert full[key] == no_floor[key] == no_fid[key]
+
+
 @pytest.mark.parametrize("which", ["missing", "teacher"])
 def test_quality_command_refuses_a_bad_checkpoint_with_one_line(which, tiny_dgnet, tmp_path, capsys):
     checkpoint = tmp_path / "missing.pt" if which == "missing" else tiny_dgnet["teacher"]

@@ -401,11 +401,14 @@ def _loader(items, label_map: LabelMap, size: tuple[int, int], batches: list[lis
 @torch.no_grad()
 def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, teacher: str | None = None,
                     judge: str | None = None, n: int = 2000, seed: int = 0, device: str = "auto",
-                    batch_size: int = 64, progress: bool = True) -> dict:
+                    batch_size: int = 64, fid: bool = True, floor: bool = True, progress: bool = True) -> dict:
     """Every quality figure of a DG-Net checkpoint on its training split (the JSON of ``reidgen quality``).
 
     n real training images (shuffled with ``seed``) give n cross-identity swaps, n self
-    reconstructions and the real reference set; n further real images give the real-vs-real floor.
+    reconstructions and the real reference set; n further real images give the real-vs-real floor
+    (``floor=False`` leaves it out, its figures None: it depends on the data, n and seed only, so one
+    measurement serves every checkpoint, and it costs a third of the Inception passes). ``fid=False``
+    leaves out every Inception figure (FID, KID and their floor, None), most of the time on a CPU.
     With fewer than 2n training images, n is reduced (``n_requested`` keeps the ask).
     ``judge``: an independent re-id model (same identities, trained apart from the run) whose
     identity figures are reported beside the teacher's, with ``_judge`` in their names.
@@ -439,7 +442,7 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
     judge_model = Teacher(str(judge), label_map, dev) if judge else None
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     real = [items[i] for i in order[:n]]
-    floor = [items[i] for i in order[n:2 * n]]
+    floor_items = [items[i] for i in order[n:2 * n]]
     generator = torch.Generator().manual_seed(seed)
     partners = cross_pairs(torch.tensor([label_map.index(it.pid) for it in real]), generator)
     structure = [real[j] for j in partners.tolist()]
@@ -447,7 +450,7 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
     size = net.cfg.image_size
     batches = _batches(n, batch_size)
     unreadable = UnreadableImages()
-    inception = InceptionDistances(dev, seed)
+    inception = InceptionDistances(dev, seed) if fid else None
     parts, real_diversity = [], []
     bar = dict(unit="batch", dynamic_ncols=True, disable=not progress, leave=False)
     pairs = zip(_loader(real, label_map, size, batches), _loader(structure, label_map, size, batches))
@@ -461,16 +464,20 @@ def measure_quality(checkpoint: str | Path, data: str | Path | None = None, *, t
                                             net.encode_structure(xs), ys, generator, judge_model)
             parts.append(measures)
             real_diversity.append(pair_ssim(x, random_partners(len(x), generator)).cpu())
-            inception.add(to_uint8(x), real=True)
-            inception.add(to_uint8(swaps), real=False)
-        generated = inception.compute()
-        inception.next_set()
-        for x, _, idx, ok in tqdm(_loader(floor, label_map, size, batches), total=len(batches),
-                                  desc="real floor", **bar):
-            keep = unreadable.check(ok, idx, floor)
-            if keep.any():
-                inception.add(to_uint8(x[keep].to(dev)), real=False)
-        floor_figures = inception.compute()
+            if inception is not None:
+                inception.add(to_uint8(x), real=True)
+                inception.add(to_uint8(swaps), real=False)
+        generated = floor_figures = dict.fromkeys(("fid", "kid", "kid_std"))
+        if inception is not None:
+            generated = inception.compute()
+        if inception is not None and floor:
+            inception.next_set()
+            for x, _, idx, ok in tqdm(_loader(floor_items, label_map, size, batches), total=len(batches),
+                                      desc="real floor", **bar):
+                keep = unreadable.check(ok, idx, floor_items)
+                if keep.any():
+                    inception.add(to_uint8(x[keep].to(dev)), real=False)
+            floor_figures = inception.compute()
     if not parts:
         raise ReidgenError(f"no readable images in the training split of {data}")
 
@@ -515,6 +522,8 @@ JUDGED = ("identity_consistency", "structure_identity_share", "reconstruction_id
 def shown_value(report: dict, key: str) -> str:
     """A figure as the quality tables print it: KID with 5 decimals and its spread, the rest with 4."""
     value = report[key]
+    if value is None:
+        return "not measured"
     shown = f"{value:.5f}" if key.startswith("kid") else f"{value:.4f}"
     if key == "kid":
         shown += f" ± {report['kid_std']:.5f}"
