@@ -32,15 +32,21 @@ def test_demo_runs_every_stage_and_writes_a_self_contained_report(demo_run):
     assert len(sources) >= 7 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in sources)
     # The result table has a row per model, with the figures of their eval.json.
-    for name in ("teacher", "dgnet", "real_plus_synthetic"):
+    for name in ("teacher", "dgnet", "real_only", "real_plus_synthetic"):
         r = EvaluationReport.model_validate_json((out / "eval" / f"{name}.json").read_text())
         assert f"{100 * r.rank1:.2f}" in html and f"{100 * r.mAP:.2f}" in html
     # The generation-quality table (reidgen quality's figures) and the curve logged during training.
     quality = json.loads((out / "quality.json").read_text())
-    assert "identity_consistency" in html and f"{quality['fid']:.4f}" in html
+    assert "identity_consistency" in html and f"{quality['reconstruction_ssim']:.4f}" in html
     assert f"{quality['identity_consistency_judge']:.4f}" in html and quality["judge"].startswith(str(out / "judge"))
     assert "cheap quality figures during training" in html
-    assert set(demo_checkpoints(out)) == {"teacher", "dgnet", "real_plus_synthetic"}
+    assert set(demo_checkpoints(out)) == {"teacher", "dgnet", "real_only", "real_plus_synthetic"}
+    # Both fine-tunes start from the teacher; only the second reads the shards.
+    for name, shards in (("real_only", []), ("real_plus_synthetic", [str((out / "shards").resolve())])):
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["init"] == str(out / "teacher" / "checkpoints" / "last.pt") and config["shards"] == shards
+    # Without Inception: the FID and KID rows say so, and how to add them.
+    assert quality["fid"] is None and quality["fid_real"] is None and "not measured" in html and "--n 16" in html
     assert "32 records (planned 32)" in html  # the shard job's verify summary
 
 
