@@ -4,14 +4,17 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
 from api_schemas.evaluation import EvaluationReport
 from reidgen.cli import main
+from reidgen.core.config import config_from_dict
 from reidgen.core.errors import ReidgenError
 from reidgen.core.market import link_subset
-from trainer.demo import DemoConfig, demo_checkpoints, run_demo
+from trainer.demo import DemoConfig, _finetune, demo_checkpoints, run_demo
+from trainer.tasks.reid import ReidTrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,14 @@ def test_demo_reuses_finished_stages(demo_run):
     run_demo(DemoConfig(data=str(data), out=str(out), epochs=1, dgnet_iterations=4, records=32, shard_size=16,
                         workers=0, device="cpu", quality_images=16))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("last.pt")} == before
+
+
+def test_demo_refuses_a_finetune_folder_of_another_recipe(demo_run):
+    out, _ = demo_run
+    trained = config_from_dict(ReidTrainConfig, json.loads((out / "real_only" / "config.json").read_text()))
+    assert _finetune(trained, str(out / "real_only")) == out / "real_only" / "checkpoints" / "last.pt"  # reused
+    with pytest.raises(ReidgenError, match="another recipe"):
+        _finetune(replace(trained, init="", epochs=4), str(out / "real_only"))
 
 
 def test_demo_without_data_says_what_to_do(tmp_path, capsys):

@@ -116,9 +116,18 @@ def _beside(name: str, fn, args: tuple, log: Path):
 
 
 def _finetune(config: ReidTrainConfig, out: str) -> Path:
-    if not _done(run_checkpoint(out)):
+    """``config`` trained into ``out``, unless it is there already; a model of another recipe there (an
+    earlier demo's, trained from ImageNet) is refused rather than reported under this recipe's name."""
+    checkpoint = run_checkpoint(out)
+    if not _done(checkpoint):
         train_reid(config, out)
-    return run_checkpoint(out)
+        return checkpoint
+    trained = Checkpoint.read(checkpoint, "reid").train_config
+    if (trained.get("init"), trained.get("epochs")) != (config.init, config.epochs):
+        raise ReidgenError(f"{out} holds a model of another recipe (an earlier demo's: epochs {trained.get('epochs')}, "
+                           f"init {trained.get('init') or 'ImageNet'}); remove it and {Path(out).parent / 'eval'} "
+                           "to train it again")
+    return checkpoint
 
 
 def _synthetic_lane(spec: JobSpec, shards: str, finetune: tuple[ReidTrainConfig, str], data: str, out: Path,
