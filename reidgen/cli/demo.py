@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="market1501_mini", help="data set folder or name (default market1501_mini)")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--epochs", type=int, default=4, help="epochs of the teacher and of the judge (default 4)")
-    p.add_argument("--dgnet-iterations", type=int, default=150, help="DG-Net iterations (default 150)")
+    p.add_argument("--dgnet-iterations", type=int, default=210, help="DG-Net iterations (default 210)")
     p.add_argument("--dgnet-preset", default="fast", choices=["fast", "small"],
                    help="DG-Net preset (default fast: the levers that converge fast on a CPU; small: without its "
                         "losses and banded AdaIN). Either trains at the demo's Adam rate 8e-4 and λ_id 1.0 on L_id^c")
