@@ -101,7 +101,7 @@ TITLES = {
     "dgnet_fast_mini_round3": "DG-Net levers, third round: how the appearance code reaches G (market1501_mini)",
     "dgnet_profile_paper_fp32": "DG-Net paper preset: one CPU iteration profiled, fp32",
     "dgnet_profile_paper_bf16": "DG-Net paper preset: one CPU iteration profiled, bf16 autocast",
-    "dgnet_profile_fast_fp32": "DG-Net fast preset, 6 images per loader, small-preset teacher: one CPU iteration profiled",
+    "dgnet_profile_fast_fp32": "DG-Net fast preset, 6 per loader, small-preset teacher: one CPU iteration profiled",
     "appearance_colour_probe": "How much of each body stripe's colour the appearance code holds (ridge probe)",
     "dgnet_vs_reference": "DG-Net paper preset against the reference code, side by side on the CPU, fp32",
     "dgnet_vs_reference_bf16": "DG-Net paper preset in bf16 autocast against the reference code (fp32), side by side",
