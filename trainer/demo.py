@@ -122,7 +122,8 @@ def _finetune(config: ReidTrainConfig, out: str) -> Path:
         train_reid(config, out)
         return checkpoint
     trained = Checkpoint.read(checkpoint, "reid").train_config
-    if (trained.get("init"), trained.get("epochs")) != (config.init, config.epochs):
+    same_start = bool(trained.get("init")) and Path(trained["init"]).resolve() == Path(config.init).resolve()
+    if not same_start or trained.get("epochs") != config.epochs:
         raise ReidgenError(f"{out} holds a model of another recipe (an earlier demo's: epochs {trained.get('epochs')}, "
                            f"init {trained.get('init') or 'ImageNet'}); remove it and {Path(out).parent / 'eval'} "
                            "to train it again")
